@@ -8,7 +8,7 @@ import os
 
 import pytest
 from nbdev.config import get_config
-from nbdev.test import test_nb
+from nbdev.test import test_nb as run_notebook
 
 from conftest import NBS, ROOT
 
@@ -26,5 +26,5 @@ def test_notebook(nb, monkeypatch):
     monkeypatch.chdir(NBS)
     flags = get_config().tst_flags.split()
     force = [] if os.environ.get("CS336_SKIP_SLOW") == "1" else flags
-    ok, _ = test_nb(nb.absolute(), skip_flags=flags, force_flags=force, basepath=ROOT)
+    ok, _ = run_notebook(nb.absolute(), skip_flags=flags, force_flags=force, basepath=ROOT)
     assert ok, f"{nb.name} failed (the cell's traceback is printed above)"
