@@ -384,3 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         raise SystemExit(130) from None
+
+# %% ../nbs/09_generate.ipynb #6fc07c82
+#| eval: false
+if __name__ == "__main__" and "__file__" in globals():
+    main()

@@ -151,3 +151,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"wrote {args.out}")
+
+# %% ../nbs/10_plot.ipynb #6793313a
+#| eval: false
+if __name__ == "__main__" and "__file__" in globals():
+    main()
