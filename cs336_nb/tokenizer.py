@@ -313,17 +313,21 @@ class Tokenizer:
                 if s.start() < cut < s.end() or s.start() >= cut: cut = s.start()  # never inside; a special's start is a boundary
         return cut
 
-    def encode_iterable(self, iterable: Iterable[str], chunk_chars: int = 1 << 16) -> Iterator[int]:
-        """Lazily encode an iterable of strings (an open file, say), holding about `chunk_chars` characters at a time."""
+    def encode_chunks(self, iterable: Iterable[str], chunk_chars: int = 1 << 16) -> Iterator[list[int]]:
+        """Encode an iterable of strings lazily, yielding the ids in lists (one per safe chunk of about `chunk_chars`)."""
         buf = ""
         for text in iterable:
             buf += text
             if len(buf) < chunk_chars: continue
             cut = self._safe_cut(buf)
             if cut:
-                yield from self.encode(buf[:cut])
+                yield self.encode(buf[:cut])
                 buf = buf[cut:]
-        if buf: yield from self.encode(buf)
+        if buf: yield self.encode(buf)
+
+    def encode_iterable(self, iterable: Iterable[str], chunk_chars: int = 1 << 16) -> Iterator[int]:
+        """Lazily encode an iterable of strings (an open file, say), holding about `chunk_chars` characters at a time."""
+        for ids in self.encode_chunks(iterable, chunk_chars): yield from ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """Decode token ids to text; bytes that are not valid UTF-8 become U+FFFD."""
