@@ -81,3 +81,7 @@ def main(argv: list[str] | None = None) -> str:
     except (ValueError, FileNotFoundError) as e:
         print(f"quickstart: error: {e}", file=sys.stderr)
         raise SystemExit(2)
+
+# %% ../nbs/12_quickstart.ipynb #96c34d9d
+#| eval: false
+if __name__ == "__main__" and "__file__" in globals(): main()
