@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
+import os
 import re
 import sys
 import time
@@ -344,7 +345,8 @@ def _check_sampling_flags(args: argparse.Namespace) -> None:
 # %% ../nbs/09_generate.ipynb #49ace655
 def main(argv: list[str] | None = None) -> None:
     """`python -m cs336_nb.generate`: sample text from a trained checkpoint, streamed to stdout."""
-    parser = argparse.ArgumentParser(prog="python -m cs336_nb.generate", description="Sample text from a cs336_nb checkpoint.")
+    parser = argparse.ArgumentParser(prog="python -m cs336_nb.generate", description="Sample text from a cs336_nb checkpoint.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (newest checkpoint_<iter>.pt)")
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -384,6 +386,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         raise SystemExit(130) from None
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail again
+        raise SystemExit(1) from None
 
 # %% ../nbs/09_generate.ipynb #6fc07c82
 #| eval: false
