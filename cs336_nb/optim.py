@@ -14,15 +14,32 @@ import torch
 from torch import Tensor
 
 # %% ../nbs/03_optim.ipynb #b43ae700
+class _CrossEntropyFunction(torch.autograd.Function):
+    "Mean cross-entropy over rows of `logits` (N, V) with a one-allocation backward."
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
+        x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # no copy for float32; upcasts bf16
+        lse = torch.logsumexp(x, dim=-1)                     # (N,) stable: subtracts the max inside
+        target_logit = x.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
+        ctx.save_for_backward(logits, targets, lse)
+        return (lse - target_logit).mean()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        logits, targets, lse = ctx.saved_tensors
+        probs = torch.sub(logits.to(lse.dtype), lse.unsqueeze(-1)).exp_()  # softmax: the one new (N, V) tensor
+        probs.scatter_add_(-1, targets.unsqueeze(-1), probs.new_full((len(targets), 1), -1.0))  # - 1 at the target
+        return probs.mul_(grad / len(targets)).to(logits.dtype), None
+
+# %% ../nbs/03_optim.ipynb #84147584
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     "Mean cross-entropy of `logits` (..., V) against integer `targets` (...), computed in float32."
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree: "
                          "targets must have the logits' shape without the last (vocab) dimension")
-    logits = logits.float()                                  # no copy for float32; upcasts bf16/fp16
-    lse = torch.logsumexp(logits, dim=-1)                    # (...) stable: subtracts the max inside
-    target_logit = logits.gather(-1, targets.unsqueeze(-1).long()).squeeze(-1)  # (...)
-    return (lse - target_logit).mean()
+    # (..., V) -> (N, V): a view for contiguous logits
+    return _CrossEntropyFunction.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).long())
 
 # %% ../nbs/03_optim.ipynb #40125997
 class AdamW(torch.optim.Optimizer):
