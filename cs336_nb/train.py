@@ -409,7 +409,8 @@ class Trainer:
         self.cfg, self.out_dir = cfg, Path(cfg.checkpoint_dir)
         self.log = partial(print, flush=True) if ctx.is_main else (lambda *a, **k: None)  # flushed: tee, nohup
         self.device = resolve_device(cfg.device)
-        if ctx.enabled and self.device.type == "cuda": self.device = torch.device("cuda", ctx.local_rank)
+        if self.device.type == "cuda" and (ctx.enabled or self.device.index is None):  # one GPU per process
+            self.device = torch.device("cuda", ctx.local_rank if ctx.enabled else torch.cuda.current_device())
         if cfg.dtype == "bfloat16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError(f"{self.device} does not support bfloat16: use --dtype float32")
         self.amp_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
