@@ -40,7 +40,8 @@ def flags(**kw) -> list[str]:
 
 def train_cli(args: list[str], cwd: Path, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
     "Run the training CLI in a subprocess; W&B offline unless the environment says otherwise."
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", **os.environ, "PYTHONUNBUFFERED": "1"}  # module fixtures run before conftest's
+    # W&B offline here too: module fixtures run before conftest's; one thread: tiny models, shared CI cores
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", **os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "cs336_nb.train", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout, **popen)
 
@@ -244,7 +245,7 @@ def test_sigterm_saves_and_exits(work):
     args = flags(train_data=work / "train.npy", val_data=work / "val.npy", **MODEL,
                  **{**RUN, "cosine_cycle_iters": 100_000, "checkpoint_interval": 100_000, "eval_interval": 100_000},
                  max_iters=100_000, checkpoint_dir=out)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "cs336_nb.train", *args], cwd=work, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen, deadline = [], time.time() + 240
