@@ -268,9 +268,14 @@ def matmul_rate(dtype: torch.dtype = torch.float32, device: str | torch.device =
 
 # %% ../nbs/11_bench.ipynb #879bbc88
 def rss_high_water() -> int:
-    """This process's peak resident memory in bytes (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """This process's peak resident memory in bytes: VmHWM on Linux, else ru_maxrss."""
+    status = Path("/proc/self/status")
+    if status.is_file():  # VmHWM starts afresh at exec; ru_maxrss also counts the parent's RSS at fork
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes, Linux: KiB
 
 # %% ../nbs/11_bench.ipynb #bc4bc9ba
 def _probe_memory(name: str, cfg: BenchConfig, dtype: str, compile: bool) -> int:
@@ -326,7 +331,8 @@ def run_bench(cfg: BenchConfig, device: str | torch.device = "cpu", dtype: str =
               "compile": compile, "steps": steps, "warmup": warmup, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "malloc_tuned": os.environ.get("GLIBC_TUNABLES") == MALLOC_TUNABLES,
               "flops_per_token": cfg.flops_per_token(), "peak_flops": peak, "peak_samples": peaks,
-              "rss_high_water_bytes": rss_high_water(), "variants": {}, "ratios": {}}
+              "rss_high_water_bytes": rss_high_water(), "variants": {}, "ratios": {},
+              "cpu_native_bf16": _cpu_native_bf16() if device.type == "cpu" else None}
     for name, runs in samples.items():
         step = statistics.median(r["step"] for r in runs)
         v = {"tokens_per_s": tokens / step, "step_s": step, "samples": runs}
@@ -342,6 +348,14 @@ def run_bench(cfg: BenchConfig, device: str | torch.device = "cpu", dtype: str =
             per_round = [b["step"] / a["step"] for a, b in zip(samples["ours"], samples[other])]
             result["ratios"][f"ours/{other}"] = statistics.median(per_round)  # > 1: ours is faster
     return result
+
+
+def _cpu_native_bf16() -> bool:
+    """Whether oneDNN has bf16 matmul instructions on this CPU (AVX-512 BF16 or AMX); else bf16 is emulated, slowly."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _device_name(device: torch.device) -> str:
@@ -361,6 +375,9 @@ def format_table(result: dict) -> str:
              f"{result['flops_per_token'] / 1e6:.2f} MFLOP/token (training); matmul peak "
              + (f"{peak / 1e9:.1f} GFLOP/s (median of {len(result['peak_samples'])})" if peak else "not measured"),
              ""]
+    if result["dtype"] == "bfloat16" and result.get("cpu_native_bf16") is False:
+        lines.insert(2, "note: this CPU has no bf16 matmul instructions (no AVX-512 BF16 / AMX): bf16 is emulated "
+                        "and slower than float32")
     header = f"{'variant':<10} {'tokens/s':>10} {'MFU':>6} {'step ms':>9} {'data':>7} {'forward':>8} {'backward':>9} {'optim':>7} {'peak mem':>9}"
     lines += [header, "-" * len(header)]
     for name, v in result["variants"].items():
