@@ -22,7 +22,7 @@ from .tokenizer import Tokenizer
 # %% ../nbs/12_quickstart.ipynb #940f88b9
 QUICKSTART_CONFIG = "configs/quickstart.json"
 CORPUS_NAME = "pystdlib"     # the dataset name prepare() writes under data/tokenized/
-CORPUS_BYTES = 3_000_000     # standard-library text used for both the tokenizer and the token arrays
+CORPUS_BYTES = 6_000_000     # standard-library text used for both the tokenizer and the token arrays
 PROMPT = "def "
 
 # %% ../nbs/12_quickstart.ipynb #9078f07e

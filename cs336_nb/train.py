@@ -263,6 +263,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
             with torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else nullcontext():
                 logits = model(x)                            # (B, T, vocab)
             loss = cross_entropy(logits, y)                  # float32 inside
+            del logits                                       # (B, T, vocab): free it before backward and the optimizer
             (loss / len(batches)).backward()                 # accumulate: the sum of L_k / K is grad L
         total += loss.detach()
     if math.isinf(max_grad_norm):                            # no clipping: only measure the norm
