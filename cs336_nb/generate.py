@@ -9,7 +9,6 @@ import argparse
 import codecs
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, read_checkpoint
+from .checkpoint import CheckpointError, list_checkpoints, read_checkpoint
 from .layers import softmax
 from .model import TransformerLM
 from .tokenizer import Tokenizer
@@ -196,9 +195,9 @@ def find_checkpoint(path: str | Path) -> Path:
     """`path` if it is a checkpoint file; for a run directory, its newest `checkpoint_<iter>.pt`."""
     path = Path(path)
     if path.is_dir():
-        found = [(int(m.group(1)), p) for p in path.glob("checkpoint_*.pt") if (m := re.fullmatch(r"checkpoint_(\d+)\.pt", p.name))]
+        found = list_checkpoints(path)
         if found:
-            return max(found)[1]
+            return found[-1][1]
         runs = sorted(d.name for d in path.iterdir() if d.is_dir() and any(d.glob("checkpoint_*.pt")))
         hint = f" (runs inside it: {', '.join(runs)})" if runs else ""
         raise FileNotFoundError(f"no checkpoint_<iter>.pt in {path}{hint}: pass a checkpoint file or a run directory")

@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['MODEL_KEYS', 'TrainConfig', 'config_from_dict', 'load_config_file', 'build_parser', 'validate_config',
-           'list_checkpoints', 'find_checkpoint', 'resolve_config', 'batch_generator', 'micro_batches', 'train_step',
-           'DistributedContext', 'distributed_from_env', 'estimate_loss', 'NonFiniteLossError', 'resolve_device',
-           'build_model', 'build_optimizer', 'format_config', 'MetricsLog', 'Trainer', 'main']
+           'find_checkpoint', 'resolve_config', 'batch_generator', 'micro_batches', 'train_step', 'DistributedContext',
+           'distributed_from_env', 'estimate_loss', 'NonFiniteLossError', 'resolve_device', 'build_model',
+           'build_optimizer', 'format_config', 'MetricsLog', 'Trainer', 'main']
 
 # %% ../nbs/08_train.ipynb #f2734871
 import argparse
@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, list_checkpoints, read_checkpoint, save_checkpoint
 from .data import get_batch, load_dataset
 from .model import TransformerLM
 from .optim import AdamW, clip_grad_norm, cross_entropy, lr_cosine_schedule
@@ -191,15 +191,6 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
          f"grad_accum_steps / world_size micro-batches; choose --grad-accum-steps as a multiple of {world_size}")
 
 # %% ../nbs/08_train.ipynb #890ec7aa
-def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    "The `(iteration, path)` of every `checkpoint_<iter>.pt` in `checkpoint_dir`, oldest first."
-    found = []
-    for path in Path(checkpoint_dir).glob("checkpoint_*.pt"):
-        suffix = path.stem.removeprefix("checkpoint_")
-        if suffix.isdigit(): found.append((int(suffix), path))
-    return sorted(found)
-
-
 def find_checkpoint(resume: str, checkpoint_dir: str | os.PathLike) -> Path | None:
     "The checkpoint `--resume` names: a file, the newest in a directory, or with `auto` the newest in `checkpoint_dir` (None if empty)."
     if resume == "auto":
