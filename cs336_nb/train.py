@@ -19,6 +19,7 @@ import random
 import signal
 import sys
 import time
+import traceback
 import types
 import typing
 from contextlib import nullcontext
@@ -614,6 +615,17 @@ class Trainer:
         if self.wandb_run is not None: self.wandb_run.finish(exit_code=exit_code)
 
 # %% ../nbs/08_train.ipynb #988d421a
+def _exit_worker(exc: BaseException | None) -> None:
+    "End a torchrun worker now, skipping interpreter teardown, with the status `exc` implies."
+    # Freeing DDP's reducer after the process group is gone can deadlock: its Gloo worker thread waits
+    # for the GIL while the destructor, holding the GIL, joins that thread (seen on 2 CPU processes).
+    if exc is not None and not isinstance(exc, SystemExit): traceback.print_exception(exc)
+    code = 0 if exc is None else exc.code if isinstance(exc, SystemExit) else 1
+    if not isinstance(code, int): code = 0 if code is None else 1
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(code)
+
+
 def _fail(message: str, ctx: DistributedContext | None, status: int):
     "One line on stderr (prefixed on ranks other than 0), then exit."
     prefix = f"[rank {ctx.rank}] " if ctx and not ctx.is_main else ""
@@ -643,7 +655,9 @@ def main(argv: list[str] | None = None) -> dict:
     except KeyboardInterrupt:
         _fail("interrupted", ctx, 130)
     finally:
-        if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+            _exit_worker(sys.exc_info()[1])
 
 # %% ../nbs/08_train.ipynb #ed57580e
 #| eval: false
