@@ -12,12 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from . import generate, prepare, train
-from .checkpoint import load_checkpoint
-from .model import TransformerLM
-from .tokenizer import Tokenizer
 
 # %% ../nbs/12_quickstart.ipynb #940f88b9
 QUICKSTART_CONFIG = "configs/quickstart.json"
@@ -52,13 +47,10 @@ def quickstart(config: str | Path = QUICKSTART_CONFIG, prompt: str = PROMPT, max
     summary = train.main(["--config", str(config), "--resume", "auto", *(train_args or [])])
     # 3) sample from the newest checkpoint
     run_dir = Path(cfg["checkpoint_dir"])
-    newest = train.find_checkpoint("auto", run_dir)
+    model, run_config, newest = generate.load_model(run_dir)          # the newest checkpoint, as the generate CLI does
+    tokenizer = generate.find_tokenizer(run_config, newest)
     print(f"== 3/3 sample from {newest}: {prompt!r}", flush=True)
-    model = TransformerLM(cfg["vocab_size"], cfg["context_length"], cfg["d_model"], cfg["num_layers"],
-                          cfg["num_heads"], cfg["d_ff"], cfg["rope_theta"])
-    load_checkpoint(newest, model)
-    tokenizer = Tokenizer.from_dir(cfg["tokenizer_dir"])
-    text = generate.sample_text(model.eval(), tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.8,
+    text = generate.sample_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.8,
                                 top_p=0.95, seed=seed)
     print(text, flush=True)
     print(f"== done in {time.perf_counter() - t0:.0f} s: {summary.get('iteration', '?')} steps, run in {run_dir}; "
