@@ -7,6 +7,7 @@
 2. train_bpe on 10 MB of the standard-library corpus, 10,000 (target < 60 s)
 3. Tokenizer.encode, default path, GPT-2 vocabulary          (target >= 5 MB/s)
 """
+
 import argparse
 import statistics
 import tempfile
@@ -46,11 +47,15 @@ def main():
     text = corpus.read_text(encoding="utf-8") * 40  # ~5 MB
     mb = len(text.encode("utf-8")) / 1e6
     best, median = best_of(lambda: tok.encode(text), 3)
-    print(f"encode ({tok.backend}), GPT-2 vocab:      {mb / best:6.1f} MB/s (median {mb / median:.1f})   target >= 5 MB/s")
+    print(
+        f"encode ({tok.backend}), GPT-2 vocab:      {mb / best:6.1f} MB/s (median {mb / median:.1f})   target >= 5 MB/s"
+    )
     raw, _ = best_of(lambda: tok._tiktoken.encode_ordinary(text), 3)  # the engine alone: how loaded the machine is
     print(f"  (tiktoken alone on the same text:       {mb / raw:6.1f} MB/s)")
     small = text[: len(text) // 10]
-    best_ref, _ = best_of(lambda: Tokenizer(tok.vocab, tok.merges, ["<|endoftext|>"], backend="python").encode(small), 1)
+    best_ref, _ = best_of(
+        lambda: Tokenizer(tok.vocab, tok.merges, ["<|endoftext|>"], backend="python").encode(small), 1
+    )
     print(f"encode_reference (pure Python, cold cache): {mb / 10 / best_ref:6.1f} MB/s")
 
 

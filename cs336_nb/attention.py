@@ -37,8 +37,10 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None):
         super().__init__()
         if d_k % 2:
-            raise ValueError(f"RoPE rotates pairs of features, so the head dimension must be even (got d_k={d_k}); "
-                             "choose d_model and num_heads with an even d_model // num_heads, or turn RoPE off")
+            raise ValueError(
+                f"RoPE rotates pairs of features, so the head dimension must be even (got d_k={d_k}); "
+                "choose d_model and num_heads with an even d_model // num_heads, or turn RoPE off"
+            )
         self.theta, self.d_k, self.max_seq_len = theta, d_k, max_seq_len
         inv_freq = theta ** (-torch.arange(0, d_k, 2, dtype=torch.float64) / d_k)  # (d_k/2,)
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (max_seq_len, d_k/2)
@@ -72,18 +74,21 @@ class RotaryEmbedding(nn.Module):
 class KVCache:
     """Preallocated per-layer keys and values for incremental (token-by-token) decoding."""
 
-    def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_len: int, d_head: int,
-                 device=None, dtype=None):
+    def __init__(
+        self, num_layers: int, batch_size: int, num_heads: int, max_len: int, d_head: int, device=None, dtype=None
+    ):
         shape = (num_layers, batch_size, num_heads, max_len, d_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # tokens cached so far
 
     @property
-    def batch_size(self) -> int: return self.k.shape[1]
+    def batch_size(self) -> int:
+        return self.k.shape[1]
 
     @property
-    def max_len(self) -> int: return self.k.shape[3]
+    def max_len(self) -> int:
+        return self.k.shape[3]
 
     def reset(self) -> None:
         """Forget every cached token (the buffers are reused)."""
@@ -92,8 +97,10 @@ class KVCache:
     def check_room(self, num_new: int) -> None:
         """Raise ValueError if num_new more tokens would not fit."""
         if self.length + num_new > self.max_len:
-            raise ValueError(f"KV cache is full: {self.length} cached + {num_new} new tokens > max_len={self.max_len}; "
-                             "reset() it or create it with a larger max_len")
+            raise ValueError(
+                f"KV cache is full: {self.length} cached + {num_new} new tokens > max_len={self.max_len}; "
+                "reset() it or create it with a larger max_len"
+            )
 
     def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store new keys/values (B, H, T, d_head) of one layer; return that layer's keys/values so far."""
@@ -119,12 +126,21 @@ def _causal_mask(num_queries: int, num_keys: int, device=None) -> Tensor:
 class MultiHeadSelfAttention(nn.Module):
     """Causal multi-head self-attention with optional RoPE; fused kernel by default."""
 
-    def __init__(self, d_model: int, num_heads: int, max_seq_len: int | None = None, theta: float | None = None,
-                 attn_impl: str = "fused", device=None, dtype=None):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        max_seq_len: int | None = None,
+        theta: float | None = None,
+        attn_impl: str = "fused",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if d_model % num_heads:
-            raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}; "
-                             "choose num_heads that divides d_model")
+            raise ValueError(
+                f"d_model={d_model} is not divisible by num_heads={num_heads}; choose num_heads that divides d_model"
+            )
         if attn_impl not in ("fused", "reference"):
             raise ValueError(f"attn_impl must be 'fused' or 'reference', got {attn_impl!r}")
         self.d_model, self.num_heads, self.d_head, self.attn_impl = d_model, num_heads, d_model // num_heads, attn_impl
@@ -135,7 +151,9 @@ class MultiHeadSelfAttention(nn.Module):
         self.rope = None
         if theta is not None:
             if max_seq_len is None:
-                raise ValueError("RoPE needs max_seq_len (the longest sequence to rotate); pass max_seq_len or theta=None")
+                raise ValueError(
+                    "RoPE needs max_seq_len (the longest sequence to rotate); pass max_seq_len or theta=None"
+                )
             self.rope = RotaryEmbedding(theta, self.d_head, max_seq_len, device=device)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -149,8 +167,9 @@ class MultiHeadSelfAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(num_queries, num_keys, q.device))
 
-    def forward(self, x: Tensor, token_positions: Tensor | None = None, kv_cache: KVCache | None = None,
-                layer_idx: int = 0) -> Tensor:
+    def forward(
+        self, x: Tensor, token_positions: Tensor | None = None, kv_cache: KVCache | None = None, layer_idx: int = 0
+    ) -> Tensor:
         """x (..., T, d_model) -> (..., T, d_model); with kv_cache, x continues the cached tokens."""
         T = x.shape[-2]
         past = 0 if kv_cache is None else kv_cache.length

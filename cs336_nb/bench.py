@@ -53,7 +53,8 @@ def relaunch_with_tuned_malloc(module: str, argv: list[str] | None = None) -> No
     env = tuned_malloc_env()
     if env is None:
         return
-    sys.stdout.flush(); sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     argv = sys.argv[1:] if argv is None else argv
     os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)  # does not return
 
@@ -61,6 +62,7 @@ def relaunch_with_tuned_malloc(module: str, argv: list[str] | None = None) -> No
 @dataclass
 class BenchConfig:
     """The model and batch shape to benchmark."""
+
     vocab_size: int = 10_000
     context_length: int = 256
     d_model: int = 384
@@ -76,8 +78,9 @@ class BenchConfig:
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward), from the model chapter's count."""
-        return training_flops_per_token(self.vocab_size, self.context_length, self.d_model, self.num_layers,
-                                        self.num_heads, self.d_ff)
+        return training_flops_per_token(
+            self.vocab_size, self.context_length, self.d_model, self.num_layers, self.num_heads, self.d_ff
+        )
 
 # %% ../nbs/11_bench.ipynb #9ee7586b
 def load_bench_config(path: str | os.PathLike | None = None, **overrides) -> BenchConfig:
@@ -119,7 +122,9 @@ class NativeBlock(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.num_heads, self.d_head).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, d_head)
+        q, k, v = (
+            self.qkv(self.norm1(x)).view(B, T, 3, self.num_heads, self.d_head).permute(2, 0, 3, 1, 4)
+        )  # 3 x (B, H, T, d_head)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)  # (B, T, d_model)
         x = x + self.proj(y)
@@ -136,8 +141,18 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class NativeLM(nn.Module):
     """The torch-native peer of TransformerLM: same shape and FLOPs, PyTorch's own building blocks."""
 
-    def __init__(self, vocab_size: int, context_length: int, d_model: int, num_layers: int, num_heads: int,
-                 d_ff: int, rope_theta: float, device=None, dtype=None):
+    def __init__(
+        self,
+        vocab_size: int,
+        context_length: int,
+        d_model: int,
+        num_layers: int,
+        num_heads: int,
+        d_ff: int,
+        rope_theta: float,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, d_model, device=device, dtype=dtype)
         self.blocks = nn.ModuleList(NativeBlock(d_model, num_heads, d_ff, device, dtype) for _ in range(num_layers))
@@ -160,9 +175,11 @@ class NativeLM(nn.Module):
 # %% ../nbs/11_bench.ipynb #352686ef
 VARIANTS = ("ours", "native", "reference")
 
+
 @dataclass
 class Contender:
     """One way to run a training step: model, loss, gradient clipping and optimizer."""
+
     name: str
     model: nn.Module
     loss_fn: object
@@ -178,7 +195,9 @@ def _native_clip(params, max_norm: float) -> Tensor:
     return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
 
 # %% ../nbs/11_bench.ipynb #3edbd265
-def build_contender(name: str, cfg: BenchConfig, device: str | torch.device = "cpu", compile: bool = False) -> Contender:
+def build_contender(
+    name: str, cfg: BenchConfig, device: str | torch.device = "cpu", compile: bool = False
+) -> Contender:
     """The model, loss, clipping and optimizer of variant `name` ('ours', 'native' or 'reference')."""
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}: choose from {', '.join(VARIANTS)}")
@@ -222,8 +241,14 @@ class _Clock:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 # %% ../nbs/11_bench.ipynb #52431b10
-def time_step(contender: Contender, data: np.ndarray, cfg: BenchConfig, device: torch.device,
-              amp_dtype: torch.dtype | None = None, max_grad_norm: float = 1.0) -> dict[str, float]:
+def time_step(
+    contender: Contender,
+    data: np.ndarray,
+    cfg: BenchConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    max_grad_norm: float = 1.0,
+) -> dict[str, float]:
     """Run one full training step; return seconds per phase and in total."""
     model, optimizer = contender.model, contender.optimizer
     clock = _Clock(device)
@@ -246,8 +271,9 @@ def time_step(contender: Contender, data: np.ndarray, cfg: BenchConfig, device: 
     return seconds
 
 # %% ../nbs/11_bench.ipynb #d893ebd3
-def matmul_rate(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", size: int | None = None,
-                repeats: int = 3) -> float:
+def matmul_rate(
+    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", size: int | None = None, repeats: int = 3
+) -> float:
     """Median FLOP/s of a (size x size) @ (size x size) torch.mm over `repeats` timings."""
     device = torch.device(device)
     size = size or (8192 if device.type == "cuda" else 2048)
@@ -282,9 +308,27 @@ def _probe_memory(name: str, cfg: BenchConfig, dtype: str, compile: bool) -> int
     """Peak RSS of a fresh process that builds only contender `name` and runs two steps."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "probe.json"
-        argv = [sys.executable, "-m", "cs336_nb.bench", *_shape_argv(cfg), "--dtype", dtype, "--device", "cpu",
-                "--variants", name, "--warmup", "1", "--steps", "1", "--peak-repeats", "0", "--no-memory-probe",
-                "--json", str(out)] + (["--compile"] if compile else [])
+        argv = [
+            sys.executable,
+            "-m",
+            "cs336_nb.bench",
+            *_shape_argv(cfg),
+            "--dtype",
+            dtype,
+            "--device",
+            "cpu",
+            "--variants",
+            name,
+            "--warmup",
+            "1",
+            "--steps",
+            "1",
+            "--peak-repeats",
+            "0",
+            "--no-memory-probe",
+            "--json",
+            str(out),
+        ] + (["--compile"] if compile else [])
         proc = subprocess.run(argv, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"memory probe for {name} failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -296,9 +340,19 @@ def _shape_argv(cfg: BenchConfig) -> list[str]:
     return [arg for f in fields(cfg) for arg in (f"--{f.name.replace('_', '-')}", str(getattr(cfg, f.name)))]
 
 # %% ../nbs/11_bench.ipynb #6b1d372f
-def run_bench(cfg: BenchConfig, device: str | torch.device = "cpu", dtype: str = "float32", compile: bool = False,
-              variants: tuple[str, ...] = VARIANTS, steps: int = 5, warmup: int = 2, peak_repeats: int = 1,
-              memory_probe: bool = True, peak_size: int | None = None, seed: int = 0) -> dict:
+def run_bench(
+    cfg: BenchConfig,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    compile: bool = False,
+    variants: tuple[str, ...] = VARIANTS,
+    steps: int = 5,
+    warmup: int = 2,
+    peak_repeats: int = 1,
+    memory_probe: bool = True,
+    peak_size: int | None = None,
+    seed: int = 0,
+) -> dict:
     """Time training steps of each variant interleaved with matmul-peak samples; return every number."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -327,12 +381,25 @@ def run_bench(cfg: BenchConfig, device: str | torch.device = "cpu", dtype: str =
                 gpu_memory[c.name] = max(gpu_memory.get(c.name, 0), torch.cuda.max_memory_allocated())
     tokens = cfg.batch_size * cfg.context_length
     peak = statistics.median(peaks) if peaks else None
-    result = {"config": asdict(cfg), "device": str(device), "device_name": _device_name(device), "dtype": dtype,
-              "compile": compile, "steps": steps, "warmup": warmup, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "malloc_tuned": os.environ.get("GLIBC_TUNABLES") == MALLOC_TUNABLES,
-              "flops_per_token": cfg.flops_per_token(), "peak_flops": peak, "peak_samples": peaks,
-              "rss_high_water_bytes": rss_high_water(), "variants": {}, "ratios": {},
-              "cpu_native_bf16": _cpu_native_bf16() if device.type == "cpu" else None}
+    result = {
+        "config": asdict(cfg),
+        "device": str(device),
+        "device_name": _device_name(device),
+        "dtype": dtype,
+        "compile": compile,
+        "steps": steps,
+        "warmup": warmup,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "malloc_tuned": os.environ.get("GLIBC_TUNABLES") == MALLOC_TUNABLES,
+        "flops_per_token": cfg.flops_per_token(),
+        "peak_flops": peak,
+        "peak_samples": peaks,
+        "rss_high_water_bytes": rss_high_water(),
+        "variants": {},
+        "ratios": {},
+        "cpu_native_bf16": _cpu_native_bf16() if device.type == "cpu" else None,
+    }
     for name, runs in samples.items():
         step = statistics.median(r["step"] for r in runs)
         v = {"tokens_per_s": tokens / step, "step_s": step, "samples": runs}
@@ -368,24 +435,31 @@ def format_table(result: dict) -> str:
     """The benchmark's numbers as an aligned text table."""
     cfg = result["config"]
     peak = result["peak_flops"]
-    lines = [f"{cfg['num_layers']} layers, d_model {cfg['d_model']}, {cfg['num_heads']} heads, d_ff {cfg['d_ff']}, "
-             f"vocab {cfg['vocab_size']}, context {cfg['context_length']}, batch {cfg['batch_size']} | "
-             f"{result['dtype']}{' + compile' if result['compile'] else ''} on {result['device']} "
-             f"({result['threads']} threads, malloc {'tuned' if result['malloc_tuned'] else 'default'})",
-             f"{result['flops_per_token'] / 1e6:.2f} MFLOP/token (training); matmul peak "
-             + (f"{peak / 1e9:.1f} GFLOP/s (median of {len(result['peak_samples'])})" if peak else "not measured"),
-             ""]
+    lines = [
+        f"{cfg['num_layers']} layers, d_model {cfg['d_model']}, {cfg['num_heads']} heads, d_ff {cfg['d_ff']}, "
+        f"vocab {cfg['vocab_size']}, context {cfg['context_length']}, batch {cfg['batch_size']} | "
+        f"{result['dtype']}{' + compile' if result['compile'] else ''} on {result['device']} "
+        f"({result['threads']} threads, malloc {'tuned' if result['malloc_tuned'] else 'default'})",
+        f"{result['flops_per_token'] / 1e6:.2f} MFLOP/token (training); matmul peak "
+        + (f"{peak / 1e9:.1f} GFLOP/s (median of {len(result['peak_samples'])})" if peak else "not measured"),
+        "",
+    ]
     if result["dtype"] == "bfloat16" and result.get("cpu_native_bf16") is False:
-        lines.insert(2, "note: this CPU has no bf16 matmul instructions (no AVX-512 BF16 / AMX): bf16 is emulated "
-                        "and slower than float32")
+        lines.insert(
+            2,
+            "note: this CPU has no bf16 matmul instructions (no AVX-512 BF16 / AMX): bf16 is emulated "
+            "and slower than float32",
+        )
     header = f"{'variant':<10} {'tokens/s':>10} {'MFU':>6} {'step ms':>9} {'data':>7} {'forward':>8} {'backward':>9} {'optim':>7} {'peak mem':>9}"
     lines += [header, "-" * len(header)]
     for name, v in result["variants"].items():
         mfu = f"{v['mfu']:.3f}" if v["mfu"] is not None else "-"
         mem = f"{v['peak_memory_bytes'] / 2**30:.2f} GB" if "peak_memory_bytes" in v else "-"
         ms = [f"{v[f'{p}_s'] * 1e3:.1f}" for p in PHASES]
-        lines.append(f"{name:<10} {v['tokens_per_s']:>10,.0f} {mfu:>6} {v['step_s'] * 1e3:>9.1f} {ms[0]:>7} "
-                     f"{ms[1]:>8} {ms[2]:>9} {ms[3]:>7} {mem:>9}")
+        lines.append(
+            f"{name:<10} {v['tokens_per_s']:>10,.0f} {mfu:>6} {v['step_s'] * 1e3:>9.1f} {ms[0]:>7} "
+            f"{ms[1]:>8} {ms[2]:>9} {ms[3]:>7} {mem:>9}"
+        )
     for key, ratio in result["ratios"].items():
         lines.append(f"speed {key}: {ratio:.3f}x (median of per-round ratios)")
     return "\n".join(lines)
@@ -400,25 +474,41 @@ def malloc_ab(argv: list[str], rounds: int = 2) -> dict:
         out = Path(tmp) / "ab.json"
         for _ in range(rounds):
             for label, env in (("tuned", env_tuned), ("default", env_default)):
-                proc = subprocess.run([sys.executable, "-m", "cs336_nb.bench", *argv, "--no-memory-probe", "--json", str(out)],
-                                      env=env, capture_output=True, text=True)
+                proc = subprocess.run(
+                    [sys.executable, "-m", "cs336_nb.bench", *argv, "--no-memory-probe", "--json", str(out)],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                )
                 if proc.returncode != 0:
                     raise RuntimeError(f"benchmark child failed: {proc.stderr.strip().splitlines()[-1:]}")
                 for name, v in json.loads(out.read_text())["variants"].items():
                     speeds[label].setdefault(name, []).append(v["tokens_per_s"])
-    return {name: {"tuned": statistics.median(speeds["tuned"][name]), "default": statistics.median(speeds["default"][name]),
-                   "tuned/default": statistics.median(speeds["tuned"][name]) / statistics.median(speeds["default"][name])}
-            for name in speeds["tuned"]}
+    return {
+        name: {
+            "tuned": statistics.median(speeds["tuned"][name]),
+            "default": statistics.median(speeds["default"][name]),
+            "tuned/default": statistics.median(speeds["tuned"][name]) / statistics.median(speeds["default"][name]),
+        }
+        for name in speeds["tuned"]
+    }
 
 # %% ../nbs/11_bench.ipynb #b5889ea7
 def build_parser() -> argparse.ArgumentParser:
     """The `python -m cs336_nb.bench` argument parser."""
-    p = argparse.ArgumentParser(prog="python -m cs336_nb.bench", description="Time training steps: tokens/s, MFU, "
-                                "time split and peak memory, against a torch-native peer, interleaved in one run.")
+    p = argparse.ArgumentParser(
+        prog="python -m cs336_nb.bench",
+        description="Time training steps: tokens/s, MFU, "
+        "time split and peak memory, against a torch-native peer, interleaved in one run.",
+    )
     p.add_argument("--config", help="training config JSON; only its model and batch keys are used")
     for f in fields(BenchConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
-                       help=f"override the config (default {f.default})")
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=type(f.default),
+            default=None,
+            help=f"override the config (default {f.default})",
+        )
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="bfloat16 = autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -452,11 +542,14 @@ def main(argv: list[str] | None = None) -> dict:
         if args.malloc_ab:
             rest = [a for a in argv if a not in ("--malloc-ab",)]
             if "--json" in rest:
-                i = rest.index("--json"); del rest[i:i + 2]
+                i = rest.index("--json")
+                del rest[i : i + 2]
             result = malloc_ab(rest)
             for name, r in result.items():
-                print(f"{name:<10} tuned {r['tuned']:>10,.0f} tokens/s | default {r['default']:>10,.0f} tokens/s | "
-                      f"tuned/default {r['tuned/default']:.3f}x")
+                print(
+                    f"{name:<10} tuned {r['tuned']:>10,.0f} tokens/s | default {r['default']:>10,.0f} tokens/s | "
+                    f"tuned/default {r['tuned/default']:.3f}x"
+                )
         else:
             device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
             if args.threads is not None:
@@ -464,8 +557,18 @@ def main(argv: list[str] | None = None) -> dict:
                     raise ValueError(f"--threads must be >= 1, got {args.threads}")
                 torch.set_num_threads(args.threads)
             warmup = args.warmup if args.warmup is not None else (3 if args.compile else 2)
-            result = run_bench(cfg, device, args.dtype, args.compile, variants, args.steps, warmup,
-                               args.peak_repeats, memory_probe=not args.no_memory_probe, peak_size=args.peak_size)
+            result = run_bench(
+                cfg,
+                device,
+                args.dtype,
+                args.compile,
+                variants,
+                args.steps,
+                warmup,
+                args.peak_repeats,
+                memory_probe=not args.no_memory_probe,
+                peak_size=args.peak_size,
+            )
             print(format_table(result))
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)

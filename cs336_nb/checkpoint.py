@@ -16,31 +16,43 @@ from torch import nn
 
 # %% ../nbs/05_checkpoint.ipynb #49a2e7e0
 class CheckpointError(ValueError):
-    "A checkpoint is missing, unreadable, or does not fit the model."
+    """A checkpoint is missing, unreadable, or does not fit the model."""
 
 # %% ../nbs/05_checkpoint.ipynb #4f0c76bc
 def _unwrap(model: nn.Module) -> nn.Module:
-    "The plain module inside `torch.compile` and DDP/DataParallel wrappers."
+    """The plain module inside `torch.compile` and DDP/DataParallel wrappers."""
     while True:
-        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module): model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
-        else: return model
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
 
 def _portable_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
-    "Drop `_orig_mod.` (torch.compile) anywhere and a leading `module.` (DDP) shared by every key."
+    """Drop `_orig_mod.` (torch.compile) anywhere and a leading `module.` (DDP) shared by every key."""
     out = {".".join(part for part in k.split(".") if part != "_orig_mod"): v for k, v in state_dict.items()}
-    if out and all(k.startswith("module.") for k in out):      # saved from a DDP wrapper
-        out = {k[len("module."):]: v for k, v in out.items()}
+    if out and all(k.startswith("module.") for k in out):  # saved from a DDP wrapper
+        out = {k[len("module.") :]: v for k, v in out.items()}
     return out
 
 # %% ../nbs/05_checkpoint.ipynb #5a841dc5
-def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer | None, iteration: int,
-                    out: str | os.PathLike | IO[bytes], **extra: Any) -> None:
-    "Save model, optimiser state and iteration (plus `extra` keys) to a path, atomically, or to a binary file object."
-    state = {"model_state_dict": _portable_keys(_unwrap(model).state_dict()),
-             "optimizer_state_dict": optimizer.state_dict() if optimizer is not None else None,
-             "iteration": int(iteration), **extra}
-    if not isinstance(out, (str, os.PathLike)):              # a file object: the caller owns it
+def save_checkpoint(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    iteration: int,
+    out: str | os.PathLike | IO[bytes],
+    **extra: Any,
+) -> None:
+    """Save model, optimiser state and iteration (plus `extra` keys) to a path, atomically, or to a binary file object."""
+    state = {
+        "model_state_dict": _portable_keys(_unwrap(model).state_dict()),
+        "optimizer_state_dict": optimizer.state_dict() if optimizer is not None else None,
+        "iteration": int(iteration),
+        **extra,
+    }
+    if not isinstance(out, (str, os.PathLike)):  # a file object: the caller owns it
         torch.save(state, out)
         return
     path = Path(out)
@@ -50,25 +62,27 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer | None, i
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
-            os.fsync(f.fileno())                             # the bytes are on disk before the rename
-        os.chmod(tmp, 0o644)                                 # mkstemp creates 0600
-        os.replace(tmp, path)                                # atomic: readers see old or new, never half
+            os.fsync(f.fileno())  # the bytes are on disk before the rename
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)  # atomic: readers see old or new, never half
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
-    try: os.fsync(dir_fd)                                    # make the rename itself durable
-    finally: os.close(dir_fd)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
 
 # %% ../nbs/05_checkpoint.ipynb #d2eba623
 def read_checkpoint(src: str | os.PathLike | IO[bytes], map_location: Any = "cpu") -> dict[str, Any]:
-    "Load a checkpoint dict safely (weights_only); raise `CheckpointError` if it is missing or unreadable."
+    """Load a checkpoint dict safely (weights_only); raise `CheckpointError` if it is missing or unreadable."""
     name = os.fspath(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "<file object>")
     if isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
         raise CheckpointError(f"checkpoint not found: {name}")
     try:
         ckpt = torch.load(src, map_location=map_location, weights_only=True)
-    except Exception as e:                                   # zip/pickle/EOF errors all mean: unreadable
+    except Exception as e:  # zip/pickle/EOF errors all mean: unreadable
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot read checkpoint {name} (truncated or corrupt?): {reason[:200]}") from None
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
@@ -77,42 +91,62 @@ def read_checkpoint(src: str | os.PathLike | IO[bytes], map_location: Any = "cpu
 
 # %% ../nbs/05_checkpoint.ipynb #f766d9b2
 def _check_fits(model: nn.Module, state_dict: dict[str, Any]) -> None:
-    "Raise `CheckpointError` listing missing, unexpected and shape-mismatched keys."
+    """Raise `CheckpointError` listing missing, unexpected and shape-mismatched keys."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state_dict and hasattr(state_dict[k], "shape")
-              and tuple(state_dict[k].shape) != tuple(v.shape)]
-    if not (missing or unexpected or shapes): return
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and hasattr(state_dict[k], "shape") and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
     parts = []
-    if shapes: parts.append("shape mismatch: " + "; ".join(shapes[:20]) + (f"; ... {len(shapes) - 20} more" if len(shapes) > 20 else ""))
-    if missing: parts.append(f"missing keys: {', '.join(missing[:20])}" + (f", ... {len(missing) - 20} more" if len(missing) > 20 else ""))
-    if unexpected: parts.append(f"unexpected keys: {', '.join(unexpected[:20])}" + (f", ... {len(unexpected) - 20} more" if len(unexpected) > 20 else ""))
+    if shapes:
+        parts.append(
+            "shape mismatch: " + "; ".join(shapes[:20]) + (f"; ... {len(shapes) - 20} more" if len(shapes) > 20 else "")
+        )
+    if missing:
+        parts.append(
+            f"missing keys: {', '.join(missing[:20])}"
+            + (f", ... {len(missing) - 20} more" if len(missing) > 20 else "")
+        )
+    if unexpected:
+        parts.append(
+            f"unexpected keys: {', '.join(unexpected[:20])}"
+            + (f", ... {len(unexpected) - 20} more" if len(unexpected) > 20 else "")
+        )
     raise CheckpointError("checkpoint does not fit the model (different config?): " + " | ".join(parts))
 
 # %% ../nbs/05_checkpoint.ipynb #21d83b91
-def load_checkpoint(src: str | os.PathLike | IO[bytes], model: nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None) -> int:
-    "Restore model (and optimiser) state from a checkpoint onto the model's device; returns the iteration."
+def load_checkpoint(
+    src: str | os.PathLike | IO[bytes], model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> int:
+    """Restore model (and optimiser) state from a checkpoint onto the model's device; returns the iteration."""
     target = _unwrap(model)
     first = next(iter(target.parameters()), None)
-    if first is None: first = next(iter(target.buffers()), None)
+    if first is None:
+        first = next(iter(target.buffers()), None)
     ckpt = read_checkpoint(src, map_location=first.device if first is not None else "cpu")
     state_dict = _portable_keys(ckpt["model_state_dict"])
     _check_fits(target, state_dict)
     target.load_state_dict(state_dict)
     if optimizer is not None:
-        if ckpt.get("optimizer_state_dict") is None: raise CheckpointError("checkpoint has no optimizer state")
-        try: optimizer.load_state_dict(ckpt["optimizer_state_dict"])   # moves state to each param's device
-        except ValueError as e: raise CheckpointError(f"optimizer state does not fit: {e}") from None
+        if ckpt.get("optimizer_state_dict") is None:
+            raise CheckpointError("checkpoint has no optimizer state")
+        try:
+            optimizer.load_state_dict(ckpt["optimizer_state_dict"])  # moves state to each param's device
+        except ValueError as e:
+            raise CheckpointError(f"optimizer state does not fit: {e}") from None
     return int(ckpt["iteration"])
 
 # %% ../nbs/05_checkpoint.ipynb #c9a13f6a
 def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    "The `(iteration, path)` of every `checkpoint_<iter>.pt` in `checkpoint_dir`, oldest first."
+    """The `(iteration, path)` of every `checkpoint_<iter>.pt` in `checkpoint_dir`, oldest first."""
     found = []
     for path in Path(checkpoint_dir).glob("checkpoint_*.pt"):
         suffix = path.stem.removeprefix("checkpoint_")
-        if suffix.isdigit(): found.append((int(suffix), path))
+        if suffix.isdigit():
+            found.append((int(suffix), path))
     return sorted(found)

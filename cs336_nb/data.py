@@ -15,85 +15,113 @@ import torch
 from torch import Tensor
 
 # %% ../nbs/04_data.ipynb #b09f4275
-_SCAN_CHUNK = 1 << 24   # tokens per chunk of the id scan: 32 MB of uint16
+_SCAN_CHUNK = 1 << 24  # tokens per chunk of the id scan: 32 MB of uint16
+
 
 def _raw_dtype(path: Path, dtype) -> np.dtype:
-    "The dtype of a raw token file: the argument, else a JSON sidecar (`<file>.json` or `<stem>.json`)."
-    if dtype is not None: return np.dtype(dtype)
+    """The dtype of a raw token file: the argument, else a JSON sidecar (`<file>.json` or `<stem>.json`)."""
+    if dtype is not None:
+        return np.dtype(dtype)
     for sidecar in (path.with_name(path.name + ".json"), path.with_suffix(".json")):
         if sidecar.is_file():
             meta = json.loads(sidecar.read_text())
-            if "dtype" not in meta: raise ValueError(f"{sidecar} has no 'dtype' key: write {{\"dtype\": \"uint16\"}}")
+            if "dtype" not in meta:
+                raise ValueError(f'{sidecar} has no \'dtype\' key: write {{"dtype": "uint16"}}')
             return np.dtype(meta["dtype"])
-    raise ValueError(f"{path} is a raw token file with no dtype: pass dtype= (e.g. 'uint16') "
-                     f"or write {path.name}.json containing {{\"dtype\": \"uint16\"}}")
+    raise ValueError(
+        f"{path} is a raw token file with no dtype: pass dtype= (e.g. 'uint16') "
+        f'or write {path.name}.json containing {{"dtype": "uint16"}}'
+    )
+
 
 def _check_ids(data: np.ndarray, vocab_size: int, path) -> None:
-    "Scan `data` in chunks; raise on the first token id outside [0, vocab_size)."
-    if np.issubdtype(data.dtype, np.unsignedinteger) and np.iinfo(data.dtype).max < vocab_size: return
+    """Scan `data` in chunks; raise on the first token id outside [0, vocab_size)."""
+    if np.issubdtype(data.dtype, np.unsignedinteger) and np.iinfo(data.dtype).max < vocab_size:
+        return
     for start in range(0, len(data), _SCAN_CHUNK):
-        chunk = data[start:start + _SCAN_CHUNK]
+        chunk = data[start : start + _SCAN_CHUNK]
         if chunk.max() >= vocab_size or chunk.min() < 0:
             bad = int(np.flatnonzero((chunk >= vocab_size) | (chunk < 0))[0])
-            raise ValueError(f"{path}: token id {int(chunk[bad])} at position {start + bad} is outside "
-                             f"[0, vocab_size={vocab_size}): wrong vocab_size, or data from another tokenizer?")
+            raise ValueError(
+                f"{path}: token id {int(chunk[bad])} at position {start + bad} is outside "
+                f"[0, vocab_size={vocab_size}): wrong vocab_size, or data from another tokenizer?"
+            )
 
 # %% ../nbs/04_data.ipynb #18ce48d0
 def check_length(data: np.ndarray, context_length: int) -> None:
-    "Raise unless `data` holds at least `context_length + 1` tokens (one full (x, y) window)."
+    """Raise unless `data` holds at least `context_length + 1` tokens (one full (x, y) window)."""
     if len(data) < context_length + 1:
-        raise ValueError(f"dataset has {len(data)} tokens, fewer than context_length + 1 = {context_length + 1}: "
-                         "use more data or a shorter context_length")
+        raise ValueError(
+            f"dataset has {len(data)} tokens, fewer than context_length + 1 = {context_length + 1}: "
+            "use more data or a shorter context_length"
+        )
 
 # %% ../nbs/04_data.ipynb #0b7f0dfc
-def load_dataset(path: str | Path, vocab_size: int, use_mmap: bool = True, dtype=None,
-                 min_tokens: int = 0, check_ids: bool = True) -> np.ndarray:
-    "A 1-D array of token ids from `.npy` or raw `.bin`, memory-mapped by default and validated."
+def load_dataset(
+    path: str | Path, vocab_size: int, use_mmap: bool = True, dtype=None, min_tokens: int = 0, check_ids: bool = True
+) -> np.ndarray:
+    """A 1-D array of token ids from `.npy` or raw `.bin`, memory-mapped by default and validated."""
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"dataset not found: {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset not found: {path}")
     if path.suffix == ".npy":
         data = np.load(path, mmap_mode="r" if use_mmap else None, allow_pickle=False)
     else:
         dt = _raw_dtype(path, dtype)
         if path.stat().st_size % dt.itemsize:
-            raise ValueError(f"{path}: size {path.stat().st_size} bytes is not a multiple of {dt} ({dt.itemsize} bytes)")
+            raise ValueError(
+                f"{path}: size {path.stat().st_size} bytes is not a multiple of {dt} ({dt.itemsize} bytes)"
+            )
         data = np.memmap(path, dtype=dt, mode="r") if use_mmap else np.fromfile(path, dtype=dt)
-    if data.ndim != 1: raise ValueError(f"{path}: expected a 1-D array of token ids, got shape {data.shape}")
+    if data.ndim != 1:
+        raise ValueError(f"{path}: expected a 1-D array of token ids, got shape {data.shape}")
     if not np.issubdtype(data.dtype, np.integer):
         raise ValueError(f"{path}: token ids must be integers, got dtype {data.dtype}")
     if len(data) < min_tokens:
-        raise ValueError(f"{path} has {len(data)} tokens, fewer than the {min_tokens} needed "
-                         "(context_length + 1): use more data or a shorter context_length")
-    if check_ids: _check_ids(data, vocab_size, path)
+        raise ValueError(
+            f"{path} has {len(data)} tokens, fewer than the {min_tokens} needed "
+            "(context_length + 1): use more data or a shorter context_length"
+        )
+    if check_ids:
+        _check_ids(data, vocab_size, path)
     return data
 
 # %% ../nbs/04_data.ipynb #2ffc93b4
-_RELEASE_BLOCK = 1 << 16   # bytes: the kernel's fault-around window
+_RELEASE_BLOCK = 1 << 16  # bytes: the kernel's fault-around window
+
 
 def _release_pages(data: np.ndarray, starts: list[int], length: int) -> None:
-    "Unmap the blocks of a read-only memmap that windows `starts` touched (the page cache keeps them)."
+    """Unmap the blocks of a read-only memmap that windows `starts` touched (the page cache keeps them)."""
     mm = getattr(data, "_mmap", None)
-    if mm is None or getattr(data, "mode", None) != "r" or not hasattr(mmap, "MADV_DONTNEED"): return
-    if data.ndim != 1 or data.strides[0] != data.itemsize: return
+    if mm is None or getattr(data, "mode", None) != "r" or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    if data.ndim != 1 or data.strides[0] != data.itemsize:
+        return
     base, size = np.frombuffer(mm, np.uint8).ctypes.data, len(mm)  # where the whole mapping starts
     for s in starts:
-        lo = data.ctypes.data + s * data.itemsize - base          # window's byte range in the mapping
+        lo = data.ctypes.data + s * data.itemsize - base  # window's byte range in the mapping
         hi = lo + length * data.itemsize
         lo, hi = lo // _RELEASE_BLOCK * _RELEASE_BLOCK, min(size, -(-hi // _RELEASE_BLOCK) * _RELEASE_BLOCK)
         mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 # %% ../nbs/04_data.ipynb #4c1a021c
-def get_batch(data: np.ndarray, batch_size: int, context_length: int, device: str | torch.device,
-              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    "Sample `batch_size` random windows: `x` and `y` (x shifted by one), int64 (batch_size, context_length)."
-    device = torch.device(device)                            # a bad device string raises here
+def get_batch(
+    data: np.ndarray,
+    batch_size: int,
+    context_length: int,
+    device: str | torch.device,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Sample `batch_size` random windows: `x` and `y` (x shifted by one), int64 (batch_size, context_length)."""
+    device = torch.device(device)  # a bad device string raises here
     check_length(data, context_length)
-    n_starts = len(data) - context_length                    # valid starts: 0 .. len - T - 1
+    n_starts = len(data) - context_length  # valid starts: 0 .. len - T - 1
     starts = torch.randint(0, n_starts, (batch_size,), generator=generator).tolist()
     pin = device.type == "cuda" and torch.cuda.is_available()
     window = torch.empty((batch_size, context_length + 1), dtype=torch.int64, pin_memory=pin)  # (B, T + 1)
     buf = window.numpy()
-    for i, s in enumerate(starts): buf[i] = data[s:s + context_length + 1]   # contiguous slice: reads T + 1 tokens
-    _release_pages(data, starts, context_length + 1)       # keep RSS flat on a memory-mapped file
+    for i, s in enumerate(starts):
+        buf[i] = data[s : s + context_length + 1]  # contiguous slice: reads T + 1 tokens
+    _release_pages(data, starts, context_length + 1)  # keep RSS flat on a memory-mapped file
     window = window.to(device, non_blocking=pin)
-    return window[:, :-1], window[:, 1:]                     # (B, T) each, views of one buffer
+    return window[:, :-1], window[:, 1:]  # (B, T) each, views of one buffer

@@ -129,7 +129,9 @@ def generate(
     use_cache: bool = True,
 ) -> list[int]:
     """The new token ids (without the prompt, without the end-of-text id): `stream_generate`, collected."""
-    return list(stream_generate(model, prompt_ids, max_new_tokens, temperature, top_p, top_k, eos_id, generator, use_cache))
+    return list(
+        stream_generate(model, prompt_ids, max_new_tokens, temperature, top_p, top_k, eos_id, generator, use_cache)
+    )
 
 # %% ../nbs/09_generate.ipynb #38f44a66
 def benchmark_kv_cache(
@@ -144,9 +146,16 @@ def benchmark_kv_cache(
 ) -> dict[str, float]:
     """Time greedy decoding with and without the KV cache on a small random model; print and return the speed-up."""
     torch.manual_seed(seed)
-    model = TransformerLM(vocab_size=vocab_size, context_length=prompt_len + new_tokens, d_model=d_model,
-                          num_layers=num_layers, num_heads=num_heads, d_ff=4 * d_model, rope_theta=10000.0,
-                          device=device).eval()
+    model = TransformerLM(
+        vocab_size=vocab_size,
+        context_length=prompt_len + new_tokens,
+        d_model=d_model,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        d_ff=4 * d_model,
+        rope_theta=10000.0,
+        device=device,
+    ).eval()
     prompt = torch.randint(0, vocab_size, (prompt_len,)).tolist()
     generate(model, prompt, 4, temperature=0)  # warm-up
     seconds, tokens = {}, {}
@@ -158,10 +167,17 @@ def benchmark_kv_cache(
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds[use_cache] = time.perf_counter() - start
-    result = {"new_tokens": new_tokens, "cached_s": seconds[True], "uncached_s": seconds[False],
-              "speedup": seconds[False] / seconds[True], "same_tokens": float(tokens[True] == tokens[False])}
-    print(f"{new_tokens} new tokens: cached {seconds[True]:.3f}s, uncached {seconds[False]:.3f}s, "
-          f"speed-up {result['speedup']:.1f}x, identical tokens: {tokens[True] == tokens[False]}")
+    result = {
+        "new_tokens": new_tokens,
+        "cached_s": seconds[True],
+        "uncached_s": seconds[False],
+        "speedup": seconds[False] / seconds[True],
+        "same_tokens": float(tokens[True] == tokens[False]),
+    }
+    print(
+        f"{new_tokens} new tokens: cached {seconds[True]:.3f}s, uncached {seconds[False]:.3f}s, "
+        f"speed-up {result['speedup']:.1f}x, identical tokens: {tokens[True] == tokens[False]}"
+    )
     return result
 
 # %% ../nbs/09_generate.ipynb #6243deab
@@ -214,8 +230,10 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tu
     if not config:
         config_file = path.parent / "config.json"
         if not config_file.is_file():
-            raise FileNotFoundError(f"{path} carries no model config and there is no config.json beside it: "
-                                    "copy the training run's config.json next to the checkpoint")
+            raise FileNotFoundError(
+                f"{path} carries no model config and there is no config.json beside it: "
+                "copy the training run's config.json next to the checkpoint"
+            )
         try:
             config = json.loads(config_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
@@ -263,13 +281,18 @@ def find_tokenizer(config: dict, checkpoint: str | Path, tokenizer_dir: str | Pa
     """Load the tokenizer of a run: `tokenizer_dir` if given, else the one its config or data preparation names."""
     if tokenizer_dir is not None:
         if not (Path(tokenizer_dir) / "vocab.json").is_file():
-            raise FileNotFoundError(f"no tokenizer in {tokenizer_dir}: --tokenizer must be a directory with vocab.json, merges.txt")
+            raise FileNotFoundError(
+                f"no tokenizer in {tokenizer_dir}: --tokenizer must be a directory with vocab.json, merges.txt"
+            )
         return Tokenizer.from_dir(tokenizer_dir)
     candidates = _tokenizer_candidates(config, Path(checkpoint))
     for candidate in candidates:
         if (candidate / "vocab.json").is_file():
             return Tokenizer.from_dir(candidate)
-    looked = ", ".join(dict.fromkeys(str(c) for c in candidates)) or "nowhere: the config names no tokenizer_dir or train_data"
+    looked = (
+        ", ".join(dict.fromkeys(str(c) for c in candidates))
+        or "nowhere: the config names no tokenizer_dir or train_data"
+    )
     raise FileNotFoundError(f"tokenizer not found (looked in {looked}): pass --tokenizer DIR")
 
 # %% ../nbs/09_generate.ipynb #56c181e6
@@ -297,11 +320,15 @@ def sample_text(
         raise ValueError('empty prompt: give some text to continue, e.g. "Once upon a time"')
     vocab_size = model.token_embeddings.weight.shape[0]
     if max(prompt_ids) >= vocab_size:
-        raise ValueError(f"the prompt has token ids >= the model's vocab_size {vocab_size}: wrong tokenizer? pass --tokenizer")
+        raise ValueError(
+            f"the prompt has token ids >= the model's vocab_size {vocab_size}: wrong tokenizer? pass --tokenizer"
+        )
     if generator is None and seed is not None:
         generator = torch.Generator(device=_model_device(model)).manual_seed(seed)
     streamer, pieces = TextStreamer(tokenizer), [prompt]
-    for token_id in stream_generate(model, prompt_ids, max_new_tokens, temperature, top_p, top_k, _eos_id(tokenizer), generator):
+    for token_id in stream_generate(
+        model, prompt_ids, max_new_tokens, temperature, top_p, top_k, _eos_id(tokenizer), generator
+    ):
         pieces.append(streamer.push(token_id))
         if on_text is not None and pieces[-1]:
             on_text(pieces[-1])
@@ -344,9 +371,14 @@ def _check_sampling_flags(args: argparse.Namespace) -> None:
 # %% ../nbs/09_generate.ipynb #49ace655
 def main(argv: list[str] | None = None) -> None:
     """`python -m cs336_nb.generate`: sample text from a trained checkpoint, streamed to stdout."""
-    parser = argparse.ArgumentParser(prog="python -m cs336_nb.generate", description="Sample text from a cs336_nb checkpoint.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (newest checkpoint_<iter>.pt)")
+    parser = argparse.ArgumentParser(
+        prog="python -m cs336_nb.generate",
+        description="Sample text from a cs336_nb checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint file, or a run directory (newest checkpoint_<iter>.pt)"
+    )
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -354,7 +386,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (vocab.json, merges.txt, special_tokens.json)")
+    parser.add_argument(
+        "--tokenizer", default=None, help="tokenizer directory (vocab.json, merges.txt, special_tokens.json)"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     args = parser.parse_args(argv)
     try:
@@ -375,8 +409,17 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"--- sample {i + 1} ---", flush=True)
             write(args.prompt)
             start = time.perf_counter()
-            sample_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
-                        args.top_k, generator=generator, on_text=write)
+            sample_text(
+                model,
+                tokenizer,
+                args.prompt,
+                args.max_new_tokens,
+                args.temperature,
+                args.top_p,
+                args.top_k,
+                generator=generator,
+                on_text=write,
+            )
             write("\n")
             print(f"[{time.perf_counter() - start:.2f}s]", file=sys.stderr)
     except (ValueError, FileNotFoundError) as error:  # CheckpointError is a ValueError

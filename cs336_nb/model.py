@@ -16,22 +16,36 @@ from .attention import KVCache, MultiHeadSelfAttention
 class TransformerBlock(nn.Module):
     """One pre-norm (or post-norm) Transformer block: causal self-attention then a feed-forward network."""
 
-    def __init__(self, d_model: int, num_heads: int, d_ff: int, max_seq_len: int, theta: float | None,
-                 use_post_norm: bool = False, remove_rmsnorm: bool = False, ffn_type: str = "swiglu",
-                 attn_impl: str = "fused", device=None, dtype=None):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        d_ff: int,
+        max_seq_len: int,
+        theta: float | None,
+        use_post_norm: bool = False,
+        remove_rmsnorm: bool = False,
+        ffn_type: str = "swiglu",
+        attn_impl: str = "fused",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if ffn_type not in ("swiglu", "silu"):
             raise ValueError(f"ffn_type must be 'swiglu' or 'silu', got {ffn_type!r}")
         self.use_post_norm = use_post_norm
         norm = (lambda: nn.Identity()) if remove_rmsnorm else (lambda: RMSNorm(d_model, device=device, dtype=dtype))
         self.ln1 = norm()
-        self.attn = MultiHeadSelfAttention(d_model, num_heads, max_seq_len, theta, attn_impl, device=device, dtype=dtype)
+        self.attn = MultiHeadSelfAttention(
+            d_model, num_heads, max_seq_len, theta, attn_impl, device=device, dtype=dtype
+        )
         self.ln2 = norm()
         ffn = SwiGLU if ffn_type == "swiglu" else SiLUFFN
         self.ffn = ffn(d_model, d_ff, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, token_positions: Tensor | None = None, kv_cache: KVCache | None = None,
-                layer_idx: int = 0) -> Tensor:
+    def forward(
+        self, x: Tensor, token_positions: Tensor | None = None, kv_cache: KVCache | None = None, layer_idx: int = 0
+    ) -> Tensor:
         """x (B, T, d_model) -> (B, T, d_model)."""
         if self.use_post_norm:
             x = self.ln1(x + self.attn(x, token_positions, kv_cache, layer_idx))
@@ -43,18 +57,43 @@ class TransformerBlock(nn.Module):
 class TransformerLM(nn.Module):
     """A decoder-only Transformer language model: token ids (B, T) -> next-token logits (B, T, vocab_size)."""
 
-    def __init__(self, vocab_size: int, context_length: int, d_model: int, num_layers: int, num_heads: int,
-                 d_ff: int, rope_theta: float, remove_rmsnorm: bool = False, use_post_norm: bool = False,
-                 remove_rope: bool = False, ffn_type: str = "swiglu", tie_embeddings: bool = False,
-                 attn_impl: str = "fused", device=None, dtype=None):
+    def __init__(
+        self,
+        vocab_size: int,
+        context_length: int,
+        d_model: int,
+        num_layers: int,
+        num_heads: int,
+        d_ff: int,
+        rope_theta: float,
+        remove_rmsnorm: bool = False,
+        use_post_norm: bool = False,
+        remove_rope: bool = False,
+        ffn_type: str = "swiglu",
+        tie_embeddings: bool = False,
+        attn_impl: str = "fused",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.vocab_size, self.context_length = vocab_size, context_length
         self.token_embeddings = Embedding(vocab_size, d_model, device=device, dtype=dtype)
         self.layers = nn.ModuleList(
-            TransformerBlock(d_model, num_heads, d_ff, context_length, None if remove_rope else rope_theta,
-                             use_post_norm=use_post_norm, remove_rmsnorm=remove_rmsnorm, ffn_type=ffn_type,
-                             attn_impl=attn_impl, device=device, dtype=dtype)
-            for _ in range(num_layers))
+            TransformerBlock(
+                d_model,
+                num_heads,
+                d_ff,
+                context_length,
+                None if remove_rope else rope_theta,
+                use_post_norm=use_post_norm,
+                remove_rmsnorm=remove_rmsnorm,
+                ffn_type=ffn_type,
+                attn_impl=attn_impl,
+                device=device,
+                dtype=dtype,
+            )
+            for _ in range(num_layers)
+        )
         self.ln_final = nn.Identity() if remove_rmsnorm else RMSNorm(d_model, device=device, dtype=dtype)
         self.lm_head = Linear(d_model, vocab_size, device=device, dtype=dtype)
         if tie_embeddings:
@@ -64,12 +103,21 @@ class TransformerLM(nn.Module):
         """An empty KV cache for batch_size sequences of up to max_len (default context_length) tokens."""
         max_len = self.context_length if max_len is None else max_len
         if max_len > self.context_length:
-            raise ValueError(f"max_len={max_len} exceeds context_length={self.context_length}: "
-                             "the model has no positions beyond its context")
+            raise ValueError(
+                f"max_len={max_len} exceeds context_length={self.context_length}: "
+                "the model has no positions beyond its context"
+            )
         attn = self.layers[0].attn
         weight = self.lm_head.weight
-        return KVCache(len(self.layers), batch_size, attn.num_heads, max_len, attn.d_head,
-                       device=weight.device, dtype=dtype or weight.dtype)
+        return KVCache(
+            len(self.layers),
+            batch_size,
+            attn.num_heads,
+            max_len,
+            attn.d_head,
+            device=weight.device,
+            dtype=dtype or weight.dtype,
+        )
 
     def forward(self, token_ids: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         """Logits (B, T, vocab_size) for token_ids (B, T); with kv_cache, only for the new tokens."""
@@ -77,8 +125,10 @@ class TransformerLM(nn.Module):
             raise ValueError(f"token_ids must have shape (batch, seq_len), got {tuple(token_ids.shape)}")
         T = token_ids.shape[1]
         if kv_cache is None and T > self.context_length:
-            raise ValueError(f"sequence length {T} exceeds context_length={self.context_length}; "
-                             f"crop the input to its last {self.context_length} tokens")
+            raise ValueError(
+                f"sequence length {T} exceeds context_length={self.context_length}; "
+                f"crop the input to its last {self.context_length} tokens"
+            )
         if kv_cache is not None:
             kv_cache.check_room(T)  # before any layer writes, so a failed call leaves the cache intact
         x = self.token_embeddings(token_ids)  # (B, T, d_model)
@@ -89,9 +139,17 @@ class TransformerLM(nn.Module):
         return self.lm_head(self.ln_final(x))  # (B, T, vocab_size)
 
 # %% ../nbs/02_model.ipynb #b35aa7d0
-def count_parameters(vocab_size: int, context_length: int, d_model: int, num_layers: int, num_heads: int,
-                     d_ff: int, tie_embeddings: bool = False, ffn_type: str = "swiglu",
-                     remove_rmsnorm: bool = False) -> int:
+def count_parameters(
+    vocab_size: int,
+    context_length: int,
+    d_model: int,
+    num_layers: int,
+    num_heads: int,
+    d_ff: int,
+    tie_embeddings: bool = False,
+    ffn_type: str = "swiglu",
+    remove_rmsnorm: bool = False,
+) -> int:
     """Trainable parameters of a TransformerLM of this shape (context_length and num_heads do not matter)."""
     ffn = (3 if ffn_type == "swiglu" else 2) * d_model * d_ff
     norms = 0 if remove_rmsnorm else 2 * d_model
@@ -100,8 +158,16 @@ def count_parameters(vocab_size: int, context_length: int, d_model: int, num_lay
     return embeddings + num_layers * per_layer + (0 if remove_rmsnorm else d_model)
 
 # %% ../nbs/02_model.ipynb #2caf04ec
-def forward_flops(vocab_size: int, context_length: int, d_model: int, num_layers: int, num_heads: int,
-                  d_ff: int, batch_size: int = 1, ffn_type: str = "swiglu") -> dict[str, int]:
+def forward_flops(
+    vocab_size: int,
+    context_length: int,
+    d_model: int,
+    num_layers: int,
+    num_heads: int,
+    d_ff: int,
+    batch_size: int = 1,
+    ffn_type: str = "swiglu",
+) -> dict[str, int]:
     """Matmul FLOPs (2*m*n*p each) of one forward pass over batch_size full-length sequences, by component."""
     tokens = batch_size * context_length
     projection = 2 * tokens * d_model * d_model  # one of q/k/v/output_proj in one layer
@@ -121,8 +187,18 @@ def forward_flops(vocab_size: int, context_length: int, d_model: int, num_layers
     return flops
 
 # %% ../nbs/02_model.ipynb #69eee0d8
-def training_flops_per_token(vocab_size: int, context_length: int, d_model: int, num_layers: int, num_heads: int,
-                             d_ff: int, batch_size: int = 1, ffn_type: str = "swiglu") -> float:
+def training_flops_per_token(
+    vocab_size: int,
+    context_length: int,
+    d_model: int,
+    num_layers: int,
+    num_heads: int,
+    d_ff: int,
+    batch_size: int = 1,
+    ffn_type: str = "swiglu",
+) -> float:
     """Training (forward + backward) FLOPs per token: 3x the forward matmul FLOPs."""
-    total = forward_flops(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, batch_size, ffn_type)["total"]
+    total = forward_flops(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, batch_size, ffn_type)[
+        "total"
+    ]
     return 3 * total / (batch_size * context_length)

@@ -15,12 +15,12 @@ from torch import Tensor
 
 # %% ../nbs/03_optim.ipynb #b43ae700
 class _CrossEntropyFunction(torch.autograd.Function):
-    "Mean cross-entropy over rows of `logits` (N, V) with a one-allocation backward."
+    """Mean cross-entropy over rows of `logits` (N, V) with a one-allocation backward."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
         x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # no copy for float32; upcasts bf16
-        lse = torch.logsumexp(x, dim=-1)                     # (N,) stable: subtracts the max inside
+        lse = torch.logsumexp(x, dim=-1)  # (N,) stable: subtracts the max inside
         target_logit = x.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
         ctx.save_for_backward(logits, targets, lse)
         return (lse - target_logit).mean()
@@ -34,58 +34,75 @@ class _CrossEntropyFunction(torch.autograd.Function):
 
 # %% ../nbs/03_optim.ipynb #84147584
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    "Mean cross-entropy of `logits` (..., V) against integer `targets` (...), computed in float32."
+    """Mean cross-entropy of `logits` (..., V) against integer `targets` (...), computed in float32."""
     if logits.shape[:-1] != targets.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree: "
-                         "targets must have the logits' shape without the last (vocab) dimension")
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree: "
+            "targets must have the logits' shape without the last (vocab) dimension"
+        )
     # (..., V) -> (N, V): a view for contiguous logits
     return _CrossEntropyFunction.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).long())
 
 # %% ../nbs/03_optim.ipynb #40125997
 class AdamW(torch.optim.Optimizer):
-    "AdamW as in the CS336 handout (Loshchilov & Hutter): bias-corrected step, decoupled weight decay."
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01, foreach: bool = True):
-        if lr < 0: raise ValueError(f"invalid learning rate {lr}: must be >= 0")
+    """AdamW as in the CS336 handout (Loshchilov & Hutter): bias-corrected step, decoupled weight decay."""
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        foreach: bool = True,
+    ):
+        if lr < 0:
+            raise ValueError(f"invalid learning rate {lr}: must be >= 0")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"invalid betas {betas}: each must be in [0, 1)")
-        if eps < 0: raise ValueError(f"invalid eps {eps}: must be >= 0")
-        if weight_decay < 0: raise ValueError(f"invalid weight_decay {weight_decay}: must be >= 0")
+        if eps < 0:
+            raise ValueError(f"invalid eps {eps}: must be >= 0")
+        if weight_decay < 0:
+            raise ValueError(f"invalid weight_decay {weight_decay}: must be >= 0")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults)
 
     def _params_with_grad(self, group: dict) -> list[Tensor]:
-        "The group's parameters that have a gradient, with their state created on first use."
+        """The group's parameters that have a gradient, with their state created on first use."""
         params = []
         for p in group["params"]:
-            if p.grad is None: continue                      # frozen or unused: no step for it
-            if p.grad.is_sparse: raise ValueError("AdamW does not support sparse gradients")
+            if p.grad is None:
+                continue  # frozen or unused: no step for it
+            if p.grad.is_sparse:
+                raise ValueError("AdamW does not support sparse gradients")
             state = self.state[p]
             if not state:
                 state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)     # m
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # m
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # v
             params.append(p)
         return params
 
     def _step_reference(self, group: dict, params: list[Tensor]) -> None:
-        "One parameter at a time, exactly as the handout's Algorithm 1."
+        """One parameter at a time, exactly as the handout's Algorithm 1."""
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         for p in params:
             state, g = self.state[p], p.grad
             state["step"] += 1
             t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-            m.mul_(beta1).add_(g, alpha=1 - beta1)                   # m <- b1 m + (1 - b1) g
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)            # v <- b2 v + (1 - b2) g^2
+            m.mul_(beta1).add_(g, alpha=1 - beta1)  # m <- b1 m + (1 - b1) g
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v <- b2 v + (1 - b2) g^2
             alpha_t = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)  # bias-corrected step size
-            p.addcdiv_(m, v.sqrt().add_(eps), value=-alpha_t)        # theta <- theta - a_t m / (sqrt(v) + eps)
-            if wd != 0: p.mul_(1 - lr * wd)                          # theta <- theta - lr wd theta
+            p.addcdiv_(m, v.sqrt().add_(eps), value=-alpha_t)  # theta <- theta - a_t m / (sqrt(v) + eps)
+            if wd != 0:
+                p.mul_(1 - lr * wd)  # theta <- theta - lr wd theta
 
     def _step_foreach(self, group: dict, params: list[Tensor]) -> None:
-        "The same update with multi-tensor kernels, one call per (device, dtype) bucket."
+        """The same update with multi-tensor kernels, one call per (device, dtype) bucket."""
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        buckets = defaultdict(list)                          # foreach kernels need one device and dtype
-        for p in params: buckets[(p.device, p.dtype)].append(p)
+        buckets = defaultdict(list)  # foreach kernels need one device and dtype
+        for p in params:
+            buckets[(p.device, p.dtype)].append(p)
         for ps in buckets.values():
             grads = [p.grad for p in ps]
             states = [self.state[p] for p in ps]
@@ -97,53 +114,63 @@ class AdamW(torch.optim.Optimizer):
                 t = s["step"]
                 step_sizes.append(-lr * math.sqrt(1 - beta2**t) / (1 - beta1**t))
             torch._foreach_mul_(ms, beta1)
-            torch._foreach_add_(ms, grads, alpha=1 - beta1)          # m <- b1 m + (1 - b1) g, in place
+            torch._foreach_add_(ms, grads, alpha=1 - beta1)  # m <- b1 m + (1 - b1) g, in place
             torch._foreach_mul_(vs, beta2)
             torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)  # v <- b2 v + (1 - b2) g^2
-            denom = torch._foreach_sqrt(vs)                          # the only temporaries: sqrt(v) + eps
+            denom = torch._foreach_sqrt(vs)  # the only temporaries: sqrt(v) + eps
             torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(ps, ms, denom, step_sizes)       # per-parameter bias-corrected step
-            if wd != 0: torch._foreach_mul_(ps, 1 - lr * wd)         # decoupled weight decay
+            torch._foreach_addcdiv_(ps, ms, denom, step_sizes)  # per-parameter bias-corrected step
+            if wd != 0:
+                torch._foreach_mul_(ps, 1 - lr * wd)  # decoupled weight decay
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        "Update every parameter that has a gradient; returns the closure's loss if one is given."
+        """Update every parameter that has a gradient; returns the closure's loss if one is given."""
         loss = None
         if closure is not None:
-            with torch.enable_grad(): loss = closure()
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             params = self._params_with_grad(group)
-            if not params: continue
-            if group.get("foreach", True): self._step_foreach(group, params)
-            else: self._step_reference(group, params)
+            if not params:
+                continue
+            if group.get("foreach", True):
+                self._step_foreach(group, params)
+            else:
+                self._step_reference(group, params)
         return loss
 
 # %% ../nbs/03_optim.ipynb #22075580
-def lr_cosine_schedule(it: int, max_learning_rate: float, min_learning_rate: float,
-                       warmup_iters: int, cosine_cycle_iters: int) -> float:
-    "Learning rate at iteration `it`: linear warm-up from 0, cosine decay to the minimum, then flat."
+def lr_cosine_schedule(
+    it: int, max_learning_rate: float, min_learning_rate: float, warmup_iters: int, cosine_cycle_iters: int
+) -> float:
+    """Learning rate at iteration `it`: linear warm-up from 0, cosine decay to the minimum, then flat."""
     if warmup_iters < 0 or cosine_cycle_iters < warmup_iters:
-        raise ValueError(f"need 0 <= warmup_iters <= cosine_cycle_iters, got {warmup_iters} and "
-                         f"{cosine_cycle_iters}")
-    if it < warmup_iters:                                                        # 1) warm-up
+        raise ValueError(f"need 0 <= warmup_iters <= cosine_cycle_iters, got {warmup_iters} and {cosine_cycle_iters}")
+    if it < warmup_iters:  # 1) warm-up
         return max_learning_rate * it / warmup_iters
-    if it > cosine_cycle_iters: return min_learning_rate                         # 3) floor
-    if cosine_cycle_iters == warmup_iters: return max_learning_rate
-    progress = (it - warmup_iters) / (cosine_cycle_iters - warmup_iters)         # 2) cosine, 0 -> 1
+    if it > cosine_cycle_iters:
+        return min_learning_rate  # 3) floor
+    if cosine_cycle_iters == warmup_iters:
+        return max_learning_rate
+    progress = (it - warmup_iters) / (cosine_cycle_iters - warmup_iters)  # 2) cosine, 0 -> 1
     return min_learning_rate + 0.5 * (1 + math.cos(math.pi * progress)) * (max_learning_rate - min_learning_rate)
 
 # %% ../nbs/03_optim.ipynb #53de7ab3
-def clip_grad_norm(parameters: Iterable[torch.nn.Parameter] | Tensor, max_l2_norm: float,
-                   eps: float = 1e-6) -> Tensor:
-    "Scale all gradients in place so their combined L2 norm is at most `max_l2_norm`; returns the pre-clip norm."
-    if isinstance(parameters, Tensor): parameters = [parameters]
-    grads = [p.grad for p in parameters if p.grad is not None]       # parameters without a gradient are skipped
-    if not grads: return torch.tensor(0.0)
-    buckets = defaultdict(list)                                      # foreach kernels need one device and dtype
-    for g in grads: buckets[(g.device, g.dtype)].append(g)
+def clip_grad_norm(parameters: Iterable[torch.nn.Parameter] | Tensor, max_l2_norm: float, eps: float = 1e-6) -> Tensor:
+    """Scale all gradients in place so their combined L2 norm is at most `max_l2_norm`; returns the pre-clip norm."""
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    grads = [p.grad for p in parameters if p.grad is not None]  # parameters without a gradient are skipped
+    if not grads:
+        return torch.tensor(0.0)
+    buckets = defaultdict(list)  # foreach kernels need one device and dtype
+    for g in grads:
+        buckets[(g.device, g.dtype)].append(g)
     device = grads[0].device
     norms = [n.to(device) for gs in buckets.values() for n in torch._foreach_norm(gs, 2, dtype=torch.float32)]
-    total = torch.linalg.vector_norm(torch.stack(norms))             # sqrt(sum_i ||g_i||^2)
-    scale = (max_l2_norm / (total + eps)).clamp(max=1.0)             # 1 when no clipping is needed: no host sync
-    for (dev, dtype), gs in buckets.items(): torch._foreach_mul_(gs, scale.to(dev, dtype))
+    total = torch.linalg.vector_norm(torch.stack(norms))  # sqrt(sum_i ||g_i||^2)
+    scale = (max_l2_norm / (total + eps)).clamp(max=1.0)  # 1 when no clipping is needed: no host sync
+    for (dev, dtype), gs in buckets.items():
+        torch._foreach_mul_(gs, scale.to(dev, dtype))
     return total

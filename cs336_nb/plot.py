@@ -133,13 +133,20 @@ def plot_runs(
 # %% ../nbs/10_plot.ipynb #4419efe7
 def main(argv: list[str] | None = None) -> None:
     """`python -m cs336_nb.plot`: draw the learning curves of one or more runs into an image file."""
-    parser = argparse.ArgumentParser(prog="python -m cs336_nb.plot", description="Plot learning curves from runs' metrics.jsonl.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training run directories (each with metrics.jsonl)")
+    parser = argparse.ArgumentParser(
+        prog="python -m cs336_nb.plot",
+        description="Plot learning curves from runs' metrics.jsonl.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="training run directories (each with metrics.jsonl)"
+    )
     parser.add_argument("--out", default="curves.png", help="image file to write (PNG, SVG, PDF by suffix)")
     parser.add_argument("--log-y", action="store_true", help="log-scaled loss axis")
     parser.add_argument("--title", default=None)
-    parser.add_argument("--dpi", type=int, default=100, help=f"resolution: the image is {FIGSIZE[0]:g} x {FIGSIZE[1]:g} inches")
+    parser.add_argument(
+        "--dpi", type=int, default=100, help=f"resolution: the image is {FIGSIZE[0]:g} x {FIGSIZE[1]:g} inches"
+    )
     args = parser.parse_args(argv)
     matplotlib.use("Agg")  # no display needed
     try:

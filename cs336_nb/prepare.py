@@ -26,18 +26,23 @@ from .tokenizer import Tokenizer, train_bpe
 class DatasetExistsError(ValueError):
     """The output folder already holds a different dataset under this name."""
 
+
 def _sha256(path: Path) -> str:
     """SHA-256 of a file, read in 1 MB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 20): h.update(block)
+        while block := f.read(1 << 20):
+            h.update(block)
     return h.hexdigest()
+
 
 def _check_text(path, what: str) -> Path:
     """The path of an existing, non-empty text file, or a one-line error saying what is wrong."""
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"{what} not found: {path}")
-    if path.stat().st_size == 0: raise ValueError(f"{what} is empty: {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{what} is empty: {path}")
     return path
 
 # %% ../nbs/07_prepare.ipynb #4b21f132
@@ -48,10 +53,13 @@ def _find_after(path: Path, start: int, needle: bytes) -> int | None:
         while True:
             f.seek(pos)
             block = f.read(1 << 20)
-            if len(block) < len(needle): return None
+            if len(block) < len(needle):
+                return None
             j = block.find(needle)
-            if j >= 0: return pos + j + len(needle)
+            if j >= 0:
+                return pos + j + len(needle)
             pos += len(block) - len(needle) + 1
+
 
 def _find_before(path: Path, end: int, needle: bytes) -> int | None:
     """Offset just past the last `needle` lying wholly before byte `end`, or None."""
@@ -60,10 +68,13 @@ def _find_before(path: Path, end: int, needle: bytes) -> int | None:
             start = max(0, end - (1 << 20))
             f.seek(start)
             j = f.read(end - start).rfind(needle)
-            if j >= 0: return start + j + len(needle)
-            if start == 0: return None
+            if j >= 0:
+                return start + j + len(needle)
+            if start == 0:
+                return None
             end = start + len(needle) - 1
     return None
+
 
 def _has_text(path: Path, start: int) -> bool:
     """Whether the file has a non-whitespace byte at or after `start` (looking at most 1 MB ahead)."""
@@ -72,44 +83,65 @@ def _has_text(path: Path, start: int) -> bool:
         block = f.read(1 << 20)
     return bool(block.strip()) or len(block) == 1 << 20
 
+
 def _holdout_cut(path: Path, val_fraction: float, special_tokens: list[str]) -> int:
     """Byte offset where the held-out validation tail starts: the boundary nearest to (1 - f) * size."""
-    if not 0 < val_fraction < 1: raise ValueError(f"val_fraction must be between 0 and 1, not {val_fraction}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1, not {val_fraction}")
     size = path.stat().st_size
     target = int(size * (1 - val_fraction))
     for needle in [s.encode("utf-8") for s in special_tokens] + [b"\n"]:  # documents first, then lines
-        cuts = [c for c in (_find_after(path, target, needle), _find_before(path, target, needle))
-                if c is not None and 0 < c and _has_text(path, c)]
-        if cuts: return min(cuts, key=lambda c: abs(c - target))
-    raise ValueError(f"can not hold out a validation split: no document or line boundary in the last {val_fraction:.0%} "
-                     f"of {path}; pass --val-text or a larger --val-fraction")
+        cuts = [
+            c
+            for c in (_find_after(path, target, needle), _find_before(path, target, needle))
+            if c is not None and 0 < c and _has_text(path, c)
+        ]
+        if cuts:
+            return min(cuts, key=lambda c: abs(c - target))
+    raise ValueError(
+        f"can not hold out a validation split: no document or line boundary in the last {val_fraction:.0%} "
+        f"of {path}; pass --val-text or a larger --val-fraction"
+    )
 
 # %% ../nbs/07_prepare.ipynb #d758d2b2
 def _read_text(path: Path, start: int, end: int, bar=None, block: int = 1 << 20) -> Iterator[str]:
     """Yield the text of bytes [start, end) of a UTF-8 file in blocks."""
     import codecs
+
     decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
     with open(path, "rb") as f:
         f.seek(start)
         left = end - start
         while left > 0:
             data = f.read(min(block, left))
-            if not data: break
+            if not data:
+                break
             left -= len(data)
-            if bar is not None: bar.update(len(data))
-            try: yield decoder.decode(data, final=left == 0)
-            except UnicodeDecodeError as e: raise ValueError(f"{path} is not UTF-8 text ({e.reason} near byte {start + e.start})") from None
+            if bar is not None:
+                bar.update(len(data))
+            try:
+                yield decoder.decode(data, final=left == 0)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} is not UTF-8 text ({e.reason} near byte {start + e.start})") from None
 
 # %% ../nbs/07_prepare.ipynb #3a773fcb
 _HEADER_BYTES = 128  # magic (6) + version (2) + length (2) + padded dict: a multiple of 64
 
+
 def _npy_header(dtype: np.dtype, n: int) -> bytes:
     """A version-1.0 .npy header for a 1-D array of `n` items, padded to `_HEADER_BYTES`."""
     d = "{'descr': '%s', 'fortran_order': False, 'shape': (%d,), }" % (np.dtype(dtype).str, n)
-    return b"\x93NUMPY\x01\x00" + (_HEADER_BYTES - 10).to_bytes(2, "little") + d.ljust(_HEADER_BYTES - 11).encode("latin1") + b"\n"
+    return (
+        b"\x93NUMPY\x01\x00"
+        + (_HEADER_BYTES - 10).to_bytes(2, "little")
+        + d.ljust(_HEADER_BYTES - 11).encode("latin1")
+        + b"\n"
+    )
+
 
 class _NpyWriter:
     """Append token ids to a 1-D .npy file without knowing its length in advance."""
+
     def __init__(self, path: Path, dtype, flush_every: int = 1 << 20):
         self.path, self.dtype, self.flush_every = Path(path), np.dtype(dtype), flush_every
         self.f = open(self.path, "wb")
@@ -119,7 +151,8 @@ class _NpyWriter:
     def extend(self, ids: list[int]) -> None:
         """Append a block of ids, writing to disk once `flush_every` are pending."""
         self.pending.extend(ids)
-        if len(self.pending) >= self.flush_every: self._flush()
+        if len(self.pending) >= self.flush_every:
+            self._flush()
 
     def _flush(self) -> None:
         np.asarray(self.pending, dtype=self.dtype).tofile(self.f)
@@ -138,8 +171,14 @@ class _NpyWriter:
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 _TEST_DIRS = {"test", "tests", "idle_test"}
 
-def stdlib_corpus(out_dir: str | os.PathLike, name: str, max_bytes: int | None = None,
-                  include_tests: bool = False, separator: str = "<|endoftext|>") -> tuple[Path, Path]:
+
+def stdlib_corpus(
+    out_dir: str | os.PathLike,
+    name: str,
+    max_bytes: int | None = None,
+    include_tests: bool = False,
+    separator: str = "<|endoftext|>",
+) -> tuple[Path, Path]:
     """Write this Python's standard-library sources as `{name}_corpus_train.txt` and `_val.txt`; return their paths."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = _SKIP_DIRS | (set() if include_tests else _TEST_DIRS)
@@ -152,14 +191,20 @@ def stdlib_corpus(out_dir: str | os.PathLike, name: str, max_bytes: int | None =
     total, k = 0, 0
     for p in files:
         size = p.stat().st_size + len(separator)  # = its UTF-8 length, for a file we keep
-        if max_bytes is not None and total + size > max_bytes: continue  # too big for what is left: try the next file
-        try: text = p.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError): continue
-        if not text.strip() or separator in text or "\r" in text: continue  # universal newlines would change sizes
+        if max_bytes is not None and total + size > max_bytes:
+            continue  # too big for what is left: try the next file
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if not text.strip() or separator in text or "\r" in text:
+            continue  # universal newlines would change sizes
         docs["val" if k % 20 == 10 else "train"].append(text)
         total, k = total + size, k + 1
-    if not docs["val"] and len(docs["train"]) > 1: docs["val"].append(docs["train"].pop())
-    if not docs["val"]: raise ValueError(f"max_bytes={max_bytes} is too small to make a standard-library corpus")
+    if not docs["val"] and len(docs["train"]) > 1:
+        docs["val"].append(docs["train"].pop())
+    if not docs["val"]:
+        raise ValueError(f"max_bytes={max_bytes} is too small to make a standard-library corpus")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -176,10 +221,12 @@ def stdlib_corpus(out_dir: str | os.PathLike, name: str, max_bytes: int | None =
 # %% ../nbs/07_prepare.ipynb #80c12e8e
 META_VERSION = 1
 
+
 def _verify(out: Path, meta: dict, stage: str) -> bool:
     """Whether a finished stage's output files are present and intact."""
     done = meta.get("stages", {}).get(stage)
-    if not done: return False
+    if not done:
+        return False
     try:
         if stage == "tokenizer":
             return all(_sha256(out / meta["tokenizer_dir_name"] / f) == h for f, h in done["sha256"].items())
@@ -188,32 +235,55 @@ def _verify(out: Path, meta: dict, stage: str) -> bool:
     except (OSError, ValueError, KeyError):
         return False
 
-def _encode_split(tok: Tokenizer, path: Path, start: int, end: int, dest: Path, dtype, progress: bool, label: str) -> int:
+
+def _encode_split(
+    tok: Tokenizer, path: Path, start: int, end: int, dest: Path, dtype, progress: bool, label: str
+) -> int:
     """Stream bytes [start, end) of `path` through the tokenizer into `dest` (via a .partial file); return the token count."""
     part = dest.with_name(dest.name + ".partial")
     writer = _NpyWriter(part, dtype)
-    with tqdm(total=end - start, unit="B", unit_scale=True, desc=f"encode {label}", file=sys.stderr,
-              disable=not progress, mininterval=1.0) as bar:
-        for ids in tok.encode_chunks(_read_text(path, start, end, bar), chunk_chars=1 << 20): writer.extend(ids)
+    with tqdm(
+        total=end - start,
+        unit="B",
+        unit_scale=True,
+        desc=f"encode {label}",
+        file=sys.stderr,
+        disable=not progress,
+        mininterval=1.0,
+    ) as bar:
+        for ids in tok.encode_chunks(_read_text(path, start, end, bar), chunk_chars=1 << 20):
+            writer.extend(ids)
     n = writer.close()
     part.replace(dest)
     return n
 
 # %% ../nbs/07_prepare.ipynb #1024feaf
-def prepare(train_text: str | os.PathLike | None = None, val_text: str | os.PathLike | None = None, *,
-            corpus: str | None = None, out_dir: str | os.PathLike = "data/tokenized", name: str | None = None,
-            vocab_size: int = 10000, special_tokens: list[str] | tuple[str, ...] = ("<|endoftext|>",),
-            tokenizer_dir: str | os.PathLike | None = None, max_bytes: int | None = None,
-            val_fraction: float = 0.01, progress: bool = True) -> dict:
+def prepare(
+    train_text: str | os.PathLike | None = None,
+    val_text: str | os.PathLike | None = None,
+    *,
+    corpus: str | None = None,
+    out_dir: str | os.PathLike = "data/tokenized",
+    name: str | None = None,
+    vocab_size: int = 10000,
+    special_tokens: list[str] | tuple[str, ...] = ("<|endoftext|>",),
+    tokenizer_dir: str | os.PathLike | None = None,
+    max_bytes: int | None = None,
+    val_fraction: float = 0.01,
+    progress: bool = True,
+) -> dict:
     """Tokenize a text corpus into `{out_dir}/{name}_{train,val}.{dtype}.npy`; return the metadata dict."""
     t_start, out = time.perf_counter(), Path(out_dir)
     say = lambda msg: print(f"prepare: {msg}", file=sys.stderr, flush=True)
     special_tokens = list(dict.fromkeys(special_tokens or []))
     # 1) inputs
-    if (train_text is None) == (corpus is None): raise ValueError("give exactly one of --train-text PATH or --corpus stdlib")
+    if (train_text is None) == (corpus is None):
+        raise ValueError("give exactly one of --train-text PATH or --corpus stdlib")
     if corpus is not None:
-        if corpus != "stdlib": raise ValueError(f"unknown corpus {corpus!r}: the built-in corpus is 'stdlib'")
-        if val_text is not None: raise ValueError("--corpus stdlib makes its own validation split: drop --val-text")
+        if corpus != "stdlib":
+            raise ValueError(f"unknown corpus {corpus!r}: the built-in corpus is 'stdlib'")
+        if val_text is not None:
+            raise ValueError("--corpus stdlib makes its own validation split: drop --val-text")
         name = name or "pystdlib"
         train_text, val_text = stdlib_corpus(out, name, max_bytes)
         bpe_bytes = None  # max_bytes already capped the corpus
@@ -227,7 +297,9 @@ def prepare(train_text: str | os.PathLike | None = None, val_text: str | os.Path
         tok = Tokenizer.from_dir(tokenizer_dir)
         vocab_size, special_tokens = max(tok.vocab) + 1, tok.special_tokens  # ids run 0..vocab_size-1
     elif vocab_size < 256 + len(special_tokens):
-        raise ValueError(f"--vocab-size {vocab_size} is too small: it needs 256 (bytes) + {len(special_tokens)} (special tokens) at least")
+        raise ValueError(
+            f"--vocab-size {vocab_size} is too small: it needs 256 (bytes) + {len(special_tokens)} (special tokens) at least"
+        )
     dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
     # 2) splits as byte ranges: (path, start, end)
     if val_path is None:
@@ -236,26 +308,51 @@ def prepare(train_text: str | os.PathLike | None = None, val_text: str | os.Path
     else:
         splits = {"train": (train_path, 0, train_path.stat().st_size), "val": (val_path, 0, val_path.stat().st_size)}
     sources = {s: {"path": str(p), "bytes": p.stat().st_size, "sha256": _sha256(p)} for s, (p, _, _) in splits.items()}
-    settings = {"vocab_size": vocab_size, "special_tokens": special_tokens, "max_bytes": bpe_bytes, "corpus": corpus,
-                "split": {s: [a, b] for s, (_, a, b) in splits.items()},
-                "tokenizer": None if tokenizer_dir is None else {f: _sha256(Path(tokenizer_dir) / f) for f in ("vocab.json", "merges.txt", "special_tokens.json")}}
+    settings = {
+        "vocab_size": vocab_size,
+        "special_tokens": special_tokens,
+        "max_bytes": bpe_bytes,
+        "corpus": corpus,
+        "split": {s: [a, b] for s, (_, a, b) in splits.items()},
+        "tokenizer": None
+        if tokenizer_dir is None
+        else {f: _sha256(Path(tokenizer_dir) / f) for f in ("vocab.json", "merges.txt", "special_tokens.json")},
+    }
     # 3) compare with what is there
     meta_path = out / f"{name}_meta.json"
-    meta = {"version": META_VERSION, "name": name, "complete": False, "sources": sources, "settings": settings, "stages": {}}
+    meta = {
+        "version": META_VERSION,
+        "name": name,
+        "complete": False,
+        "sources": sources,
+        "settings": settings,
+        "stages": {},
+    }
     if meta_path.exists():
         old = json.loads(meta_path.read_text(encoding="utf-8"))
-        if old.get("version") != META_VERSION or old.get("settings") != settings or \
-                {s: (v["bytes"], v["sha256"]) for s, v in old.get("sources", {}).items()} != {s: (v["bytes"], v["sha256"]) for s, v in sources.items()}:
-            raise DatasetExistsError(f"{meta_path} describes a different dataset (other sources or settings): "
-                                     f"choose another --name or --out-dir, or delete that dataset's files")
+        if (
+            old.get("version") != META_VERSION
+            or old.get("settings") != settings
+            or {s: (v["bytes"], v["sha256"]) for s, v in old.get("sources", {}).items()}
+            != {s: (v["bytes"], v["sha256"]) for s, v in sources.items()}
+        ):
+            raise DatasetExistsError(
+                f"{meta_path} describes a different dataset (other sources or settings): "
+                f"choose another --name or --out-dir, or delete that dataset's files"
+            )
         stages = old.get("stages", {})
         meta["stages"] = stages
         if old.get("complete") and all(_verify(out, old, s) for s in ("tokenizer", "train", "val")):
             say(f"{name} in {out} is up to date (sources and settings unchanged, outputs verified): nothing to do")
             return old
     out.mkdir(parents=True, exist_ok=True)
-    meta.update(vocab_size=vocab_size, special_tokens=special_tokens, dtype=dtype, tokenizer_dir_name=f"{name}_tokenizer",
-                tokenizer_dir=str(out / f"{name}_tokenizer"))
+    meta.update(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        dtype=dtype,
+        tokenizer_dir_name=f"{name}_tokenizer",
+        tokenizer_dir=str(out / f"{name}_tokenizer"),
+    )
     write_meta = lambda: meta_path.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     # 4) tokenizer: trained, loaded, or kept from an earlier run
     tok_dir = out / f"{name}_tokenizer"
@@ -276,7 +373,9 @@ def prepare(train_text: str | os.PathLike | None = None, val_text: str | os.Path
         tok.save(part)
         shutil.rmtree(tok_dir, ignore_errors=True)
         part.replace(tok_dir)
-        meta["stages"]["tokenizer"] = {"sha256": {f: _sha256(tok_dir / f) for f in ("vocab.json", "merges.txt", "special_tokens.json")}}
+        meta["stages"]["tokenizer"] = {
+            "sha256": {f: _sha256(tok_dir / f) for f in ("vocab.json", "merges.txt", "special_tokens.json")}
+        }
         write_meta()
     # 5) token arrays
     for split, (p, a, b) in splits.items():
@@ -292,8 +391,10 @@ def prepare(train_text: str | os.PathLike | None = None, val_text: str | os.Path
     meta["complete"] = True
     meta["seconds"] = round(time.perf_counter() - t_start, 2)
     write_meta()
-    say(f"wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({dtype}, vocab {vocab_size:,}) "
-        f"to {out}/{name}_*  in {meta['seconds']:.1f} s")
+    say(
+        f"wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({dtype}, vocab {vocab_size:,}) "
+        f"to {out}/{name}_*  in {meta['seconds']:.1f} s"
+    )
     return meta
 
 # %% ../nbs/07_prepare.ipynb #42ef6eed
@@ -302,33 +403,63 @@ def _parse_bytes(s: str) -> int:
     units = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
     t = s.strip().upper().removesuffix("B")
     num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    try: return int(float(num) * units[unit])
-    except ValueError: raise argparse.ArgumentTypeError(f"not a byte count: {s!r} (try 3000000 or 3MB)") from None
+    try:
+        return int(float(num) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte count: {s!r} (try 3000000 or 3MB)") from None
+
 
 def main(argv: list[str] | None = None) -> dict:
     """Command-line entry point: `python -m cs336_nb.prepare --help`."""
-    p = argparse.ArgumentParser(prog="python -m cs336_nb.prepare", description="Tokenize text into uint16/uint32 .npy arrays for training.")
+    p = argparse.ArgumentParser(
+        prog="python -m cs336_nb.prepare", description="Tokenize text into uint16/uint32 .npy arrays for training."
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--train-text", help="training text file (UTF-8)")
-    src.add_argument("--corpus", choices=["stdlib"], help="build the corpus from this Python's standard-library sources")
-    p.add_argument("--val-text", help="validation text file; otherwise the last --val-fraction of the training text is held out")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="held-out fraction when there is no --val-text (default 0.01)")
+    src.add_argument(
+        "--corpus", choices=["stdlib"], help="build the corpus from this Python's standard-library sources"
+    )
+    p.add_argument(
+        "--val-text", help="validation text file; otherwise the last --val-fraction of the training text is held out"
+    )
+    p.add_argument(
+        "--val-fraction", type=float, default=0.01, help="held-out fraction when there is no --val-text (default 0.01)"
+    )
     p.add_argument("--out-dir", default="data/tokenized", help="output folder (default data/tokenized)")
     p.add_argument("--name", help="dataset name, the file prefix (default: the training file's stem, or pystdlib)")
-    p.add_argument("--vocab-size", type=int, default=10000, help="BPE vocabulary size, special tokens included (default 10000)")
-    p.add_argument("--special-tokens", nargs="*", default=["<|endoftext|>"], help='special tokens (default "<|endoftext|>")')
+    p.add_argument(
+        "--vocab-size", type=int, default=10000, help="BPE vocabulary size, special tokens included (default 10000)"
+    )
+    p.add_argument(
+        "--special-tokens", nargs="*", default=["<|endoftext|>"], help='special tokens (default "<|endoftext|>")'
+    )
     p.add_argument("--tokenizer-dir", help="load this tokenizer (written by Tokenizer.save) instead of training one")
-    p.add_argument("--max-bytes", type=_parse_bytes, help="train BPE on at most this many bytes (with --corpus stdlib: cap the corpus)")
+    p.add_argument(
+        "--max-bytes",
+        type=_parse_bytes,
+        help="train BPE on at most this many bytes (with --corpus stdlib: cap the corpus)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     try:
-        return prepare(args.train_text, args.val_text, corpus=args.corpus, out_dir=args.out_dir, name=args.name,
-                       vocab_size=args.vocab_size, special_tokens=args.special_tokens, tokenizer_dir=args.tokenizer_dir,
-                       max_bytes=args.max_bytes, val_fraction=args.val_fraction, progress=not args.no_progress)
+        return prepare(
+            args.train_text,
+            args.val_text,
+            corpus=args.corpus,
+            out_dir=args.out_dir,
+            name=args.name,
+            vocab_size=args.vocab_size,
+            special_tokens=args.special_tokens,
+            tokenizer_dir=args.tokenizer_dir,
+            max_bytes=args.max_bytes,
+            val_fraction=args.val_fraction,
+            progress=not args.no_progress,
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         sys.exit(2)
 
 # %% ../nbs/07_prepare.ipynb #e80974ed
 #| eval: false
-if __name__ == "__main__" and "__file__" in globals(): main()
+if __name__ == "__main__" and "__file__" in globals():
+    main()

@@ -16,23 +16,31 @@ from . import generate, prepare, train
 
 # %% ../nbs/12_quickstart.ipynb #940f88b9
 QUICKSTART_CONFIG = "configs/quickstart.json"
-CORPUS_NAME = "pystdlib"     # the dataset name prepare() writes under data/tokenized/
-CORPUS_BYTES = 6_000_000     # standard-library text used for both the tokenizer and the token arrays
+CORPUS_NAME = "pystdlib"  # the dataset name prepare() writes under data/tokenized/
+CORPUS_BYTES = 6_000_000  # standard-library text used for both the tokenizer and the token arrays
 PROMPT = "def "
 
 # %% ../nbs/12_quickstart.ipynb #9078f07e
 def _dataset_location(cfg: dict) -> tuple[Path, str]:
-    "The `(out_dir, name)` prepare() must write so that the config's `train_data` exists afterwards."
+    """The `(out_dir, name)` prepare() must write so that the config's `train_data` exists afterwards."""
     train_data = Path(cfg["train_data"])
     suffix = "_train.uint16.npy"
     if not train_data.name.endswith(suffix):
-        raise ValueError(f"quick start: train_data {train_data} must end in {suffix} (prepare's naming): fix the config")
+        raise ValueError(
+            f"quick start: train_data {train_data} must end in {suffix} (prepare's naming): fix the config"
+        )
     return train_data.parent, train_data.name[: -len(suffix)]
 
 # %% ../nbs/12_quickstart.ipynb #d3e2fb8a
-def quickstart(config: str | Path = QUICKSTART_CONFIG, prompt: str = PROMPT, max_new_tokens: int = 200,
-               corpus_bytes: int = CORPUS_BYTES, train_args: list[str] | None = None, seed: int = 0) -> str:
-    "Prepare the standard-library corpus, train the quick-start model, print and return a sample."
+def quickstart(
+    config: str | Path = QUICKSTART_CONFIG,
+    prompt: str = PROMPT,
+    max_new_tokens: int = 200,
+    corpus_bytes: int = CORPUS_BYTES,
+    train_args: list[str] | None = None,
+    seed: int = 0,
+) -> str:
+    """Prepare the standard-library corpus, train the quick-start model, print and return a sample."""
     config = Path(config)
     if not config.is_file():
         raise FileNotFoundError(f"quick start: no config at {config}: run from the repository root or pass --config")
@@ -47,25 +55,37 @@ def quickstart(config: str | Path = QUICKSTART_CONFIG, prompt: str = PROMPT, max
     summary = train.main(["--config", str(config), "--resume", "auto", *(train_args or [])])
     # 3) sample from the newest checkpoint
     run_dir = Path(cfg["checkpoint_dir"])
-    model, run_config, newest = generate.load_model(run_dir)          # the newest checkpoint, as the generate CLI does
+    model, run_config, newest = generate.load_model(run_dir)  # the newest checkpoint, as the generate CLI does
     tokenizer = generate.find_tokenizer(run_config, newest)
     print(f"== 3/3 sample from {newest}: {prompt!r}", flush=True)
-    text = generate.sample_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.8,
-                                top_p=0.95, seed=seed)
+    text = generate.sample_text(
+        model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.8, top_p=0.95, seed=seed
+    )
     print(text, flush=True)
-    print(f"== done in {time.perf_counter() - t0:.0f} s: {summary.get('iteration', '?')} steps, run in {run_dir}; "
-          f"curves: python -m cs336_nb.plot {run_dir} --out curves.png", flush=True)
+    print(
+        f"== done in {time.perf_counter() - t0:.0f} s: {summary.get('iteration', '?')} steps, run in {run_dir}; "
+        f"curves: python -m cs336_nb.plot {run_dir} --out curves.png",
+        flush=True,
+    )
     return text
 
 # %% ../nbs/12_quickstart.ipynb #322d42ef
 def main(argv: list[str] | None = None) -> str:
-    "`python -m cs336_nb.quickstart`: prepare, train and sample in one command."
-    p = argparse.ArgumentParser(prog="python -m cs336_nb.quickstart", description=quickstart.__doc__,
-                                epilog="Any other flags go to the training CLI, e.g. --max-iters 100 or --device cuda.")
+    """`python -m cs336_nb.quickstart`: prepare, train and sample in one command."""
+    p = argparse.ArgumentParser(
+        prog="python -m cs336_nb.quickstart",
+        description=quickstart.__doc__,
+        epilog="Any other flags go to the training CLI, e.g. --max-iters 100 or --device cuda.",
+    )
     p.add_argument("--config", default=QUICKSTART_CONFIG, help=f"training config (default {QUICKSTART_CONFIG})")
     p.add_argument("--prompt", default=PROMPT, help=f"text to continue (default {PROMPT!r})")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample (default 200)")
-    p.add_argument("--corpus-bytes", type=int, default=CORPUS_BYTES, help=f"standard-library bytes to use (default {CORPUS_BYTES:,})")
+    p.add_argument(
+        "--corpus-bytes",
+        type=int,
+        default=CORPUS_BYTES,
+        help=f"standard-library bytes to use (default {CORPUS_BYTES:,})",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     args, train_args = p.parse_known_args(argv)
     try:
@@ -76,4 +96,5 @@ def main(argv: list[str] | None = None) -> str:
 
 # %% ../nbs/12_quickstart.ipynb #96c34d9d
 #| eval: false
-if __name__ == "__main__" and "__file__" in globals(): main()
+if __name__ == "__main__" and "__file__" in globals():
+    main()

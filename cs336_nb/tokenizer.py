@@ -27,7 +27,8 @@ def bytes_to_unicode() -> dict[int, str]:
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, shifted = {}, 0
     for b in range(256):
-        if b in printable: chars[b] = chr(b)
+        if b in printable:
+            chars[b] = chr(b)
         else:
             chars[b] = chr(256 + shifted)  # non-printable bytes move past Latin-1
             shifted += 1
@@ -36,16 +37,19 @@ def bytes_to_unicode() -> dict[int, str]:
 # %% ../nbs/06_tokenizer.ipynb #3b752040
 def _special_splitter(special_tokens) -> "regex.Pattern | None":
     """A regex capturing special tokens, longest first so overlapping ones match whole."""
-    if not special_tokens: return None
+    if not special_tokens:
+        return None
     ordered = sorted(set(special_tokens), key=len, reverse=True)
     return regex.compile("(" + "|".join(regex.escape(s) for s in ordered) + ")")
+
 
 def _count_pretokens(text: str, special_tokens) -> Counter:
     """Count the pre-tokens of `text`; special tokens split the text and are dropped."""
     splitter = _special_splitter(special_tokens)
     parts = splitter.split(text)[::2] if splitter else [text]  # even parts lie between special tokens
     counts = Counter()
-    for part in parts: counts.update(_PRETOKEN_RE.findall(part))
+    for part in parts:
+        counts.update(_PRETOKEN_RE.findall(part))
     return counts
 
 # %% ../nbs/06_tokenizer.ipynb #ce381f40
@@ -58,11 +62,16 @@ def _chunk_boundaries(path, n_chunks: int, split_token: bytes, limit: int) -> li
             while True:  # move the guess forward to the next special token
                 f.seek(pos)
                 block = f.read(1 << 16)
-                if not block or pos >= limit: bounds[i] = limit; break
+                if not block or pos >= limit:
+                    bounds[i] = limit
+                    break
                 j = block.find(split_token)
-                if j >= 0: bounds[i] = min(pos + j, limit); break
+                if j >= 0:
+                    bounds[i] = min(pos + j, limit)
+                    break
                 pos += len(block) - len(split_token) + 1  # overlap: find a token that straddles two blocks
     return sorted(set(bounds))
+
 
 def _count_chunk(args) -> Counter:
     """Count the pre-tokens of one byte range of a file."""
@@ -72,8 +81,10 @@ def _count_chunk(args) -> Counter:
         text = f.read(end - start).decode("utf-8", errors="ignore")  # a byte cap may cut a character
     return _count_pretokens(text, special_tokens)
 
-def _pretoken_counts(input_path, special_tokens, max_bytes=None, num_processes=None,
-                     min_parallel_bytes: int = 4 << 20) -> Counter:
+
+def _pretoken_counts(
+    input_path, special_tokens, max_bytes=None, num_processes=None, min_parallel_bytes: int = 4 << 20
+) -> Counter:
     """Pre-token counts of a file's first `max_bytes` bytes, counted by a pool of processes when it pays."""
     size = os.path.getsize(input_path)
     limit = size if max_bytes is None else min(size, max_bytes)
@@ -85,7 +96,8 @@ def _pretoken_counts(input_path, special_tokens, max_bytes=None, num_processes=N
     jobs = [(input_path, a, b, special_tokens) for a, b in zip(bounds[:-1], bounds[1:])]
     total = Counter()
     with get_context("fork" if os.name == "posix" else "spawn").Pool(workers) as pool:
-        for counts in pool.imap_unordered(_count_chunk, jobs): total.update(counts)
+        for counts in pool.imap_unordered(_count_chunk, jobs):
+            total.update(counts)
     return total
 
 # %% ../nbs/06_tokenizer.ipynb #9b93c910
@@ -94,14 +106,21 @@ def _desc_key(token: bytes) -> tuple:
     return tuple(255 - b for b in token) + (256,)
 
 # %% ../nbs/06_tokenizer.ipynb #23684c7d
-def train_bpe(input_path: str | os.PathLike, vocab_size: int, special_tokens: list[str],
-              max_bytes: int | None = None, num_processes: int | None = None,
-              ) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+def train_bpe(
+    input_path: str | os.PathLike,
+    vocab_size: int,
+    special_tokens: list[str],
+    max_bytes: int | None = None,
+    num_processes: int | None = None,
+) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
     """Train a byte-level BPE tokenizer on a UTF-8 text file (its first `max_bytes` bytes if given)."""
     special_tokens = list(dict.fromkeys(special_tokens or []))
     if vocab_size < 256 + len(special_tokens):
-        raise ValueError(f"vocab_size={vocab_size} is too small: use at least 256 (bytes) + {len(special_tokens)} (special tokens)")
-    if not Path(input_path).is_file(): raise FileNotFoundError(f"training text not found: {input_path}")
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: use at least 256 (bytes) + {len(special_tokens)} (special tokens)"
+        )
+    if not Path(input_path).is_file():
+        raise FileNotFoundError(f"training text not found: {input_path}")
     counts = _pretoken_counts(input_path, special_tokens, max_bytes, num_processes)
     vocab = {i: bytes([i]) for i in range(256)}
     words = [list(w.encode("utf-8")) for w in counts]  # each distinct pre-token as a list of token ids
@@ -119,7 +138,8 @@ def train_bpe(input_path: str | os.PathLike, vocab_size: int, special_tokens: li
     for new_id in range(256, vocab_size - len(special_tokens)):
         while heap and pair_counts.get(heap[0][3], 0) != -heap[0][0]:
             heapq.heappop(heap)  # lazy deletion: this entry's count is out of date
-        if not heap: break  # every pre-token is a single token: nothing left to merge
+        if not heap:
+            break  # every pre-token is a single token: nothing left to merge
         a, b = pair = heapq.heappop(heap)[3]
         vocab[new_id] = vocab[a] + vocab[b]
         keys.append(_desc_key(vocab[new_id]))
@@ -128,23 +148,33 @@ def train_bpe(input_path: str | os.PathLike, vocab_size: int, special_tokens: li
         for wi in pair_words.pop(pair):
             word, merged, i = words[wi], [], 0
             while i < len(word):  # replace every (a, b), left to right
-                if i + 1 < len(word) and word[i] == a and word[i + 1] == b: merged.append(new_id); i += 2
-                else: merged.append(word[i]); i += 1
-            if len(merged) == len(word): continue  # stale index entry: the pair left this word earlier
+                if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
+                    merged.append(new_id)
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            if len(merged) == len(word):
+                continue  # stale index entry: the pair left this word earlier
             n = freqs[wi]
-            for p in zip(word, word[1:]): delta[p] = delta.get(p, 0) - n
+            for p in zip(word, word[1:]):
+                delta[p] = delta.get(p, 0) - n
             for p in zip(merged, merged[1:]):
                 delta[p] = delta.get(p, 0) + n
-                if new_id in p: pair_words.setdefault(p, set()).add(wi)
+                if new_id in p:
+                    pair_words.setdefault(p, set()).add(wi)
             words[wi] = merged
         for p, d in delta.items():
-            if d == 0: continue
+            if d == 0:
+                continue
             c = pair_counts.get(p, 0) + d
             if c > 0:
                 pair_counts[p] = c
                 heapq.heappush(heap, (-c, keys[p[0]], keys[p[1]], p))
-            else: pair_counts.pop(p, None)
-    for s in special_tokens: vocab[len(vocab)] = s.encode("utf-8")  # special tokens take the last ids
+            else:
+                pair_counts.pop(p, None)
+    for s in special_tokens:
+        vocab[len(vocab)] = s.encode("utf-8")  # special tokens take the last ids
     return vocab, merges
 
 # %% ../nbs/06_tokenizer.ipynb #7903110d
@@ -152,37 +182,54 @@ _LAST_BOUNDARY = regex.compile(r"(?r)\S(?=\s)")  # searched backwards: the last 
 
 _tiktoken_warned: set[str] = set()
 
+
 def _tiktoken_problem(vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]], special_ids) -> str | None:
     """Why tiktoken's rank-by-merged-token rule would not reproduce these merges; None when it does."""
-    try: import tiktoken  # noqa: F401
-    except ImportError: return "tiktoken is not installed"
+    try:
+        import tiktoken  # noqa: F401
+    except ImportError:
+        return "tiktoken is not installed"
     ids = {}
     for i, t in vocab.items():
-        if i in special_ids: continue
-        if t in ids: return f"token {t!r} appears twice in the vocabulary"
+        if i in special_ids:
+            continue
+        if t in ids:
+            return f"token {t!r} appears twice in the vocabulary"
         ids[t] = i
-    if any(bytes([b]) not in ids for b in range(256)): return "some single bytes are missing from the vocabulary"
+    if any(bytes([b]) not in ids for b in range(256)):
+        return "some single bytes are missing from the vocabulary"
     last, produced = -1, set()
     for a, b in merges:
         t = a + b
-        if t in produced: return f"two merges produce {t!r}"
-        if ids[t] <= last: return "the ids of merged tokens do not increase with merge order"
+        if t in produced:
+            return f"two merges produce {t!r}"
+        if ids[t] <= last:
+            return "the ids of merged tokens do not increase with merge order"
         last = ids[t]
         produced.add(t)
-    if any(len(t) > 1 and t not in produced for t in ids): return "some multi-byte tokens are not made by any merge"
+    if any(len(t) > 1 and t not in produced for t in ids):
+        return "some multi-byte tokens are not made by any merge"
     return None
 
 # %% ../nbs/06_tokenizer.ipynb #45cb762e
 class Tokenizer:
     """Byte-level BPE tokenizer: text to token ids and back."""
-    def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
-                 special_tokens: list[str] | None = None, backend: str = "auto"):
-        if backend not in ("auto", "python", "tiktoken"): raise ValueError(f"backend must be 'auto', 'python' or 'tiktoken', not {backend!r}")
+
+    def __init__(
+        self,
+        vocab: dict[int, bytes],
+        merges: list[tuple[bytes, bytes]],
+        special_tokens: list[str] | None = None,
+        backend: str = "auto",
+    ):
+        if backend not in ("auto", "python", "tiktoken"):
+            raise ValueError(f"backend must be 'auto', 'python' or 'tiktoken', not {backend!r}")
         self.vocab = dict(vocab)
         self.merges = list(merges)
         self.special_tokens = list(dict.fromkeys(special_tokens or []))
         self.token_to_id: dict[bytes, int] = {}
-        for i, t in sorted(self.vocab.items(), reverse=True): self.token_to_id[t] = i  # duplicates: lowest id wins
+        for i, t in sorted(self.vocab.items(), reverse=True):
+            self.token_to_id[t] = i  # duplicates: lowest id wins
         for s in self.special_tokens:  # a special token missing from the vocabulary gets the next id
             if s.encode("utf-8") not in self.token_to_id:
                 new_id = max(self.vocab, default=-1) + 1
@@ -210,13 +257,16 @@ class Tokenizer:
     def _build_tiktoken(self):
         """A tiktoken Encoding whose ranks are our ids (merge r has id 256 + r)."""
         import tiktoken
+
         ranks = {t: i for i, t in self.vocab.items() if i not in self.special_to_id.values()}
-        return tiktoken.Encoding(name="cs336_nb", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                 special_tokens=dict(self.special_to_id))
+        return tiktoken.Encoding(
+            name="cs336_nb", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=dict(self.special_to_id)
+        )
 
     @classmethod
-    def from_files(cls, vocab_filepath, merges_filepath, special_tokens: list[str] | None = None,
-                   backend: str = "auto") -> "Tokenizer":
+    def from_files(
+        cls, vocab_filepath, merges_filepath, special_tokens: list[str] | None = None, backend: str = "auto"
+    ) -> "Tokenizer":
         """Load GPT-2-format files: `vocab.json` ({token: id}) and `merges.txt` ("a b" per line), bytes spelled by `bytes_to_unicode`."""
         decoder = {c: b for b, c in bytes_to_unicode().items()}
         unmap = lambda s: bytes(decoder[c] for c in s)
@@ -226,7 +276,8 @@ class Tokenizer:
         with open(merges_filepath, encoding="utf-8") as f:
             for line in f:
                 line = line.rstrip("\n")
-                if not line or line.startswith("#version"): continue
+                if not line or line.startswith("#version"):
+                    continue
                 a, b = line.split(" ")
                 merges.append((unmap(a), unmap(b)))
         return cls(vocab, merges, special_tokens, backend=backend)
@@ -236,13 +287,21 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if len(set(self.vocab.values())) != len(self.vocab):
-            raise ValueError("can not save: the vocabulary holds the same bytes under two ids (vocab.json maps bytes to one id)")
+            raise ValueError(
+                "can not save: the vocabulary holds the same bytes under two ids (vocab.json maps bytes to one id)"
+            )
         spell = bytes_to_unicode()
         remap = lambda t: "".join(spell[b] for b in t)
         vocab_json = {remap(t): i for i, t in sorted(self.vocab.items())}
-        (directory / "vocab.json").write_text(json.dumps(vocab_json, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
-        (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{remap(a)} {remap(b)}\n" for a, b in self.merges), encoding="utf-8")
-        (directory / "special_tokens.json").write_text(json.dumps(self.special_tokens, ensure_ascii=False) + "\n", encoding="utf-8")
+        (directory / "vocab.json").write_text(
+            json.dumps(vocab_json, ensure_ascii=False, indent=0) + "\n", encoding="utf-8"
+        )
+        (directory / "merges.txt").write_text(
+            "#version: 0.2\n" + "".join(f"{remap(a)} {remap(b)}\n" for a, b in self.merges), encoding="utf-8"
+        )
+        (directory / "special_tokens.json").write_text(
+            json.dumps(self.special_tokens, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         return directory
 
     @classmethod
@@ -251,31 +310,44 @@ class Tokenizer:
         directory = Path(directory)
         for name in ("vocab.json", "merges.txt", "special_tokens.json"):
             if not (directory / name).is_file():
-                raise FileNotFoundError(f"no tokenizer in {directory}: {name} is missing (write one with Tokenizer.save)")
+                raise FileNotFoundError(
+                    f"no tokenizer in {directory}: {name} is missing (write one with Tokenizer.save)"
+                )
         specials = json.loads((directory / "special_tokens.json").read_text(encoding="utf-8"))
         return cls.from_files(directory / "vocab.json", directory / "merges.txt", specials, backend=backend)
 
     def _bpe(self, pretoken: str) -> list[int]:
         """Merge one pre-token's bytes, lowest merge rank first (the reference algorithm)."""
-        try: ids = [self.token_to_id[bytes([b])] for b in pretoken.encode("utf-8")]
-        except KeyError as e: raise ValueError(f"can not encode {pretoken!r}: byte {e.args[0]!r} is not in the vocabulary") from None
+        try:
+            ids = [self.token_to_id[bytes([b])] for b in pretoken.encode("utf-8")]
+        except KeyError as e:
+            raise ValueError(f"can not encode {pretoken!r}: byte {e.args[0]!r} is not in the vocabulary") from None
         while len(ids) > 1:
-            (rank, new_id), i = min((self._ranks.get(p, (float("inf"), -1)), i) for i, p in enumerate(zip(ids, ids[1:])))
-            if new_id < 0: break  # no adjacent pair is a merge
+            (rank, new_id), i = min(
+                (self._ranks.get(p, (float("inf"), -1)), i) for i, p in enumerate(zip(ids, ids[1:]))
+            )
+            if new_id < 0:
+                break  # no adjacent pair is a merge
             pair, out, j = (ids[i], ids[i + 1]), [], 0
             while j < len(ids):  # merge every occurrence of the pair, left to right
-                if j + 1 < len(ids) and (ids[j], ids[j + 1]) == pair: out.append(new_id); j += 2
-                else: out.append(ids[j]); j += 1
+                if j + 1 < len(ids) and (ids[j], ids[j + 1]) == pair:
+                    out.append(new_id)
+                    j += 2
+                else:
+                    out.append(ids[j])
+                    j += 1
             ids = out
         return ids
 
     def _segments(self, text: str) -> Iterator[tuple[bool, str]]:
         """Yield (is_special, piece): the text split at special tokens, longest first."""
         if self._splitter is None:
-            if text: yield False, text
+            if text:
+                yield False, text
             return
         for k, piece in enumerate(self._splitter.split(text)):
-            if piece: yield k % 2 == 1, piece  # the capture group puts special tokens at odd positions
+            if piece:
+                yield k % 2 == 1, piece  # the capture group puts special tokens at odd positions
 
     def encode_reference(self, text: str) -> list[int]:
         """Pure-Python encoding: split out special tokens, pre-tokenise, apply the merges."""
@@ -287,30 +359,39 @@ class Tokenizer:
             for pre in _PRETOKEN_RE.findall(piece):
                 ids = self._cache.get(pre)
                 if ids is None:
-                    if len(self._cache) >= 100_000: self._cache.clear()  # bound the memo
+                    if len(self._cache) >= 100_000:
+                        self._cache.clear()  # bound the memo
                     ids = self._cache[pre] = self._bpe(pre)
                 out.extend(ids)
         return out
 
     def encode(self, text: str) -> list[int]:
         """Encode text to token ids (tiktoken when proven equal to the reference, else the reference)."""
-        if self._tiktoken is None: return self.encode_reference(text)
+        if self._tiktoken is None:
+            return self.encode_reference(text)
         out = []
         for special, piece in self._segments(text):
-            if special: out.append(self.special_to_id[piece])
-            else: out.extend(self._tiktoken.encode_ordinary(piece))
+            if special:
+                out.append(self.special_to_id[piece])
+            else:
+                out.extend(self._tiktoken.encode_ordinary(piece))
         return out
 
     def _safe_cut(self, buf: str) -> int:
         """Length of the longest prefix of `buf` whose tokens can not change when text is appended (0: none yet)."""
-        limit = len(buf) - max((len(s) for s in self.special_tokens), default=1) + 1  # special tokens starting before are decided
-        if limit <= 0: return 0
+        limit = (
+            len(buf) - max((len(s) for s in self.special_tokens), default=1) + 1
+        )  # special tokens starting before are decided
+        if limit <= 0:
+            return 0
         m = _LAST_BOUNDARY.search(buf, 0, limit + 1)
         cut = m.end() if m else 0  # between a non-space and a space: always a pre-token boundary
         if self._splitter is not None:
             for s in self._splitter.finditer(buf, 0, len(buf)):
-                if s.start() >= limit: break
-                if s.start() < cut < s.end() or s.start() >= cut: cut = s.start()  # never inside; a special's start is a boundary
+                if s.start() >= limit:
+                    break
+                if s.start() < cut < s.end() or s.start() >= cut:
+                    cut = s.start()  # never inside; a special's start is a boundary
         return cut
 
     def encode_chunks(self, iterable: Iterable[str], chunk_chars: int = 1 << 16) -> Iterator[list[int]]:
@@ -318,19 +399,23 @@ class Tokenizer:
         buf = ""
         for text in iterable:
             buf += text
-            if len(buf) < chunk_chars: continue
+            if len(buf) < chunk_chars:
+                continue
             cut = self._safe_cut(buf)
             if cut:
                 yield self.encode(buf[:cut])
                 buf = buf[cut:]
-        if buf: yield self.encode(buf)
+        if buf:
+            yield self.encode(buf)
 
     def encode_iterable(self, iterable: Iterable[str], chunk_chars: int = 1 << 16) -> Iterator[int]:
         """Lazily encode an iterable of strings (an open file, say), holding about `chunk_chars` characters at a time."""
-        for ids in self.encode_chunks(iterable, chunk_chars): yield from ids
+        for ids in self.encode_chunks(iterable, chunk_chars):
+            yield from ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """Decode token ids to text; bytes that are not valid UTF-8 become U+FFFD."""
         return b"".join(self.vocab[i] for i in ids).decode("utf-8", errors="replace")
 
-    def __len__(self) -> int: return len(self.vocab)
+    def __len__(self) -> int:
+        return len(self.vocab)

@@ -40,13 +40,14 @@ from .optim import AdamW, clip_grad_norm, cross_entropy, lr_cosine_schedule
 
 # %% ../nbs/08_train.ipynb #c724629a
 def _opt(default, help: str):
-    "A config field with its command-line help."
+    """A config field with its command-line help."""
     return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
-    "Every setting of a training run; a JSON config and the command line use the same names."
+    """Every setting of a training run; a JSON config and the command line use the same names."""
+
     # data
     train_data: str | None = _opt(None, "training tokens: a 1-D .npy (or raw) array of token ids")
     val_data: str | None = _opt(None, "validation tokens, same format")
@@ -97,31 +98,50 @@ class TrainConfig:
     wandb_tags: list[str] | None = _opt(None, "W&B tags, comma separated")
 
 # %% ../nbs/08_train.ipynb #fada64e6
-MODEL_KEYS = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta",
-              "remove_rmsnorm", "use_post_norm", "remove_rope", "ffn_type", "tie_embeddings")  # fix the weights' shapes
+MODEL_KEYS = (
+    "vocab_size",
+    "context_length",
+    "d_model",
+    "num_layers",
+    "num_heads",
+    "d_ff",
+    "rope_theta",
+    "remove_rmsnorm",
+    "use_post_norm",
+    "remove_rope",
+    "ffn_type",
+    "tie_embeddings",
+)  # fix the weights' shapes
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = typing.get_type_hints(TrainConfig)
 
 
 def _check_value(key: str, value, hint):
-    "`value` converted to the field type `hint`, or a ValueError naming the key."
+    """`value` converted to the field type `hint`, or a ValueError naming the key."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if value is None and type(None) in options: return None
+    if value is None and type(None) in options:
+        return None
     for t in options:
-        if t is bool and isinstance(value, bool): return value
-        if t is int and isinstance(value, int) and not isinstance(value, bool): return value
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool): return float(value)
-        if t is str and isinstance(value, str): return value
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is str and isinstance(value, str):
+            return value
         if typing.get_origin(t) is list:  # wandb_tags: a list of strings or "a,b"
-            if isinstance(value, str): return [s.strip() for s in value.split(",") if s.strip()]
-            if isinstance(value, list) and all(isinstance(s, str) for s in value): return list(value)
+            if isinstance(value, str):
+                return [s.strip() for s in value.split(",") if s.strip()]
+            if isinstance(value, list) and all(isinstance(s, str) for s in value):
+                return list(value)
     names = " or ".join(getattr(t, "__name__", str(t)) for t in options)
     raise ValueError(f"config key {key!r} must be {names}, got {value!r}")
 
 
 def config_from_dict(values: dict, source: str = "config") -> TrainConfig:
-    "A `TrainConfig` from `values`; unknown keys and wrongly typed values raise ValueError."
+    """A `TrainConfig` from `values`; unknown keys and wrongly typed values raise ValueError."""
     for key in values:
         if key not in _FIELDS:
             close = difflib.get_close_matches(key.replace("-", "_"), list(_FIELDS), n=1, cutoff=0.6)
@@ -131,20 +151,26 @@ def config_from_dict(values: dict, source: str = "config") -> TrainConfig:
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
-    "The key/value pairs of a JSON config file (a JSON object), checked for syntax."
+    """The key/value pairs of a JSON config file (a JSON object), checked for syntax."""
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"config file {path} does not exist")
-    try: values = json.loads(path.read_text(encoding="utf-8"))
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"config file {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    if not isinstance(values, dict): raise ValueError(f"config file {path} must hold a JSON object of settings")
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a JSON object of settings")
     return values
 
 # %% ../nbs/08_train.ipynb #7f006bd9
 def build_parser() -> argparse.ArgumentParser:
-    "The command-line parser: `--config` plus one flag per `TrainConfig` field."
-    parser = argparse.ArgumentParser(prog="python -m cs336_nb.train", argument_default=argparse.SUPPRESS,
-                                     description="Train a Transformer language model.")
+    """The command-line parser: `--config` plus one flag per `TrainConfig` field."""
+    parser = argparse.ArgumentParser(
+        prog="python -m cs336_nb.train",
+        argument_default=argparse.SUPPRESS,
+        description="Train a Transformer language model.",
+    )
     parser.add_argument("--config", help="JSON file of settings (same names, with underscores)")
     for name, f in _FIELDS.items():
         flag, hint = "--" + name.replace("_", "-"), _TYPES[name]
@@ -160,25 +186,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 # %% ../nbs/08_train.ipynb #3575f5ca
 def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
-    "Raise ValueError, naming the setting and the fix, for anything a run cannot train with."
+    """Raise ValueError, naming the setting and the fix, for anything a run cannot train with."""
+
     def need(ok: bool, message: str):
-        if not ok: raise ValueError(message)
+        if not ok:
+            raise ValueError(message)
+
     for key in ("train_data", "val_data", "vocab_size"):
         need(getattr(cfg, key) is not None, f"{key} is required: pass --{key.replace('_', '-')} or set it in --config")
-    for key in ("vocab_size", "context_length", "num_layers", "d_model", "num_heads", "d_ff", "batch_size",
-                "grad_accum_steps", "max_iters", "log_interval", "eval_interval", "eval_iters", "checkpoint_interval"):
+    for key in (
+        "vocab_size",
+        "context_length",
+        "num_layers",
+        "d_model",
+        "num_heads",
+        "d_ff",
+        "batch_size",
+        "grad_accum_steps",
+        "max_iters",
+        "log_interval",
+        "eval_interval",
+        "eval_iters",
+        "checkpoint_interval",
+    ):
         need(getattr(cfg, key) > 0, f"{key} must be positive, got {getattr(cfg, key)}")
     need(cfg.max_lr > 0, f"max_lr must be positive, got {cfg.max_lr}")
     need(0 <= cfg.min_lr <= cfg.max_lr, f"min_lr must be in [0, max_lr={cfg.max_lr}], got {cfg.min_lr}")
     need(cfg.warmup_iters >= 0, f"warmup_iters must be >= 0, got {cfg.warmup_iters}")
-    need(cfg.warmup_iters <= cfg.max_iters,
-         f"warmup_iters {cfg.warmup_iters} is longer than the run (max_iters {cfg.max_iters}): lower --warmup-iters")
+    need(
+        cfg.warmup_iters <= cfg.max_iters,
+        f"warmup_iters {cfg.warmup_iters} is longer than the run (max_iters {cfg.max_iters}): lower --warmup-iters",
+    )
     cycle = cfg.max_iters if cfg.cosine_cycle_iters is None else cfg.cosine_cycle_iters
     need(cycle >= cfg.warmup_iters, f"cosine_cycle_iters {cycle} must be >= warmup_iters {cfg.warmup_iters}")
-    need(cfg.d_model % cfg.num_heads == 0,
-         f"d_model {cfg.d_model} is not divisible by num_heads {cfg.num_heads}: choose a num_heads that divides it")
-    need(cfg.remove_rope or (cfg.d_model // cfg.num_heads) % 2 == 0,
-         f"head dimension d_model / num_heads = {cfg.d_model // cfg.num_heads} is odd: RoPE rotates pairs, so it must be even")
+    need(
+        cfg.d_model % cfg.num_heads == 0,
+        f"d_model {cfg.d_model} is not divisible by num_heads {cfg.num_heads}: choose a num_heads that divides it",
+    )
+    need(
+        cfg.remove_rope or (cfg.d_model // cfg.num_heads) % 2 == 0,
+        f"head dimension d_model / num_heads = {cfg.d_model // cfg.num_heads} is odd: RoPE rotates pairs, so it must be even",
+    )
     need(cfg.ffn_type in ("swiglu", "silu"), f"ffn_type must be 'swiglu' or 'silu', got {cfg.ffn_type!r}")
     need(cfg.rope_theta > 0, f"rope_theta must be positive, got {cfg.rope_theta}")
     need(0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, f"beta1 and beta2 must be in [0, 1), got {cfg.beta1}, {cfg.beta2}")
@@ -187,64 +235,92 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     need(cfg.keep_last >= 0, f"keep_last must be >= 0 (0 keeps every checkpoint), got {cfg.keep_last}")
     need(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
     need(cfg.dtype in ("float32", "bfloat16"), f"dtype must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
-    need(cfg.grad_accum_steps % world_size == 0,
-         f"grad_accum_steps {cfg.grad_accum_steps} is not divisible by the world size {world_size}: each process runs "
-         f"grad_accum_steps / world_size micro-batches; choose --grad-accum-steps as a multiple of {world_size}")
+    need(
+        cfg.grad_accum_steps % world_size == 0,
+        f"grad_accum_steps {cfg.grad_accum_steps} is not divisible by the world size {world_size}: each process runs "
+        f"grad_accum_steps / world_size micro-batches; choose --grad-accum-steps as a multiple of {world_size}",
+    )
 
 # %% ../nbs/08_train.ipynb #890ec7aa
 def find_checkpoint(resume: str, checkpoint_dir: str | os.PathLike) -> Path | None:
-    "The checkpoint `--resume` names: a file, the newest in a directory, or with `auto` the newest in `checkpoint_dir` (None if empty)."
+    """The checkpoint `--resume` names: a file, the newest in a directory, or with `auto` the newest in `checkpoint_dir` (None if empty)."""
     if resume == "auto":
         found = list_checkpoints(checkpoint_dir)
         return found[-1][1] if found else None
     path = Path(resume)
     if path.is_dir():
         found = list_checkpoints(path)
-        if not found: raise CheckpointError(f"--resume {resume}: the directory holds no checkpoint_<iter>.pt")
+        if not found:
+            raise CheckpointError(f"--resume {resume}: the directory holds no checkpoint_<iter>.pt")
         return found[-1][1]
-    if not path.is_file(): raise CheckpointError(f"--resume {resume}: no such checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"--resume {resume}: no such checkpoint file")
     return path
 
 
 def resolve_config(argv: list[str] | None = None) -> tuple[TrainConfig, dict | None]:
-    "The run's configuration from defaults, the checkpoint being resumed, `--config` and flags; and that checkpoint."
+    """The run's configuration from defaults, the checkpoint being resumed, `--config` and flags; and that checkpoint."""
     args = vars(build_parser().parse_args(argv))
     config_path = args.pop("config", None)
     values = {**(load_config_file(config_path) if config_path else {}), **args}
     cfg = config_from_dict(values, source=config_path or "the command line")
-    if cfg.resume is None: return cfg, None
+    if cfg.resume is None:
+        return cfg, None
     path = find_checkpoint(cfg.resume, cfg.checkpoint_dir)
     if path is None:
         print(f"No checkpoint in {cfg.checkpoint_dir}: --resume auto starts a fresh run")
         return dataclasses.replace(cfg, resume=None), None
     checkpoint = read_checkpoint(path)
     stored = {k: v for k, v in checkpoint.get("config", {}).items() if k in _FIELDS and k != "resume"}
-    changed = [f"{k} {stored[k]!r} -> {values[k]!r}" for k in MODEL_KEYS
-               if k in values and k in stored and _check_value(k, values[k], _TYPES[k]) != stored[k]]
+    changed = [
+        f"{k} {stored[k]!r} -> {values[k]!r}"
+        for k in MODEL_KEYS
+        if k in values and k in stored and _check_value(k, values[k], _TYPES[k]) != stored[k]
+    ]
     if changed:
-        raise ValueError(f"cannot resume {path} with a different model shape: {', '.join(changed)} "
-                         "(drop these settings, or start a fresh run in another --checkpoint-dir)")
+        raise ValueError(
+            f"cannot resume {path} with a different model shape: {', '.join(changed)} "
+            "(drop these settings, or start a fresh run in another --checkpoint-dir)"
+        )
     return config_from_dict({**stored, **values, "resume": str(path)}), checkpoint
 
 # %% ../nbs/08_train.ipynb #2ffee7c8
 def batch_generator(seed: int, step: int, index: int, stream: int = 0) -> torch.Generator:
-    "A CPU generator seeded from `(seed, stream, step, index)`: stream 0 is training, 1 validation."
+    """A CPU generator seeded from `(seed, stream, step, index)`: stream 0 is training, 1 validation."""
     words = np.random.SeedSequence([seed, stream, step, index]).generate_state(2)  # two well-mixed uint32
     return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
 
 
-def micro_batches(data, batch_size: int, context_length: int, seed: int, step: int, accum_steps: int,
-                  device: str | torch.device, rank: int = 0, world_size: int = 1) -> list[tuple[Tensor, Tensor]]:
-    "This process's share of step `step`: `accum_steps / world_size` micro-batches `(x, y)`, each (batch_size, context_length)."
+def micro_batches(
+    data,
+    batch_size: int,
+    context_length: int,
+    seed: int,
+    step: int,
+    accum_steps: int,
+    device: str | torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[tuple[Tensor, Tensor]]:
+    """This process's share of step `step`: `accum_steps / world_size` micro-batches `(x, y)`, each (batch_size, context_length)."""
     per_rank = accum_steps // world_size
-    return [get_batch(data, batch_size, context_length, device, generator=batch_generator(seed, step, rank * per_rank + k))
-            for k in range(per_rank)]
+    return [
+        get_batch(data, batch_size, context_length, device, generator=batch_generator(seed, step, rank * per_rank + k))
+        for k in range(per_rank)
+    ]
 
 # %% ../nbs/08_train.ipynb #0b99c6e3
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[tuple[Tensor, Tensor]],
-               lr: float, max_grad_norm: float = math.inf, amp_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-    "One optimiser step over the micro-batches of one batch: returns (mean loss, pre-clip gradient norm), as tensors."
-    for group in optimizer.param_groups: group["lr"] = lr
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: list[tuple[Tensor, Tensor]],
+    lr: float,
+    max_grad_norm: float = math.inf,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One optimiser step over the micro-batches of one batch: returns (mean loss, pre-clip gradient norm), as tensors."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
     device_type = batches[0][0].device.type
     total = torch.zeros((), device=batches[0][0].device)
     for k, (x, y) in enumerate(batches):
@@ -253,14 +329,17 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
         sync = nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
         with sync:
             with torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                logits = model(x)                            # (B, T, vocab)
-            loss = cross_entropy(logits, y)                  # float32 inside
-            del logits                                       # (B, T, vocab): free it before backward and the optimizer
-            (loss / len(batches)).backward()                 # accumulate: the sum of L_k / K is grad L
+                logits = model(x)  # (B, T, vocab)
+            loss = cross_entropy(logits, y)  # float32 inside
+            del logits  # (B, T, vocab): free it before backward and the optimizer
+            (loss / len(batches)).backward()  # accumulate: the sum of L_k / K is grad L
         total += loss.detach()
-    if math.isinf(max_grad_norm):                            # no clipping: only measure the norm
-        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
-    else: grad_norm = clip_grad_norm(model.parameters(), max_grad_norm)
+    if math.isinf(max_grad_norm):  # no clipping: only measure the norm
+        grad_norm = torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
+        )
+    else:
+        grad_norm = clip_grad_norm(model.parameters(), max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / len(batches), grad_norm
@@ -268,66 +347,87 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
 # %% ../nbs/08_train.ipynb #9f92d532
 @dataclass
 class DistributedContext:
-    "Where this process stands in a torchrun job (rank 0 of 1 when run alone)."
+    """Where this process stands in a torchrun job (rank 0 of 1 when run alone)."""
+
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
 
     @property
-    def is_main(self) -> bool: return self.rank == 0
+    def is_main(self) -> bool:
+        return self.rank == 0
 
     @property
-    def enabled(self) -> bool: return self.world_size > 1
+    def enabled(self) -> bool:
+        return self.world_size > 1
 
 
 def distributed_from_env(environ: dict | None = None) -> DistributedContext:
-    "The torchrun environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`), checked."
+    """The torchrun environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`), checked."""
     env = os.environ if environ is None else environ
-    if "RANK" not in env and "WORLD_SIZE" not in env: return DistributedContext()
+    if "RANK" not in env and "WORLD_SIZE" not in env:
+        return DistributedContext()
     launch = "launch with `torchrun --nproc_per_node N -m cs336_nb.train ...`, or unset RANK and WORLD_SIZE"
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
-    if missing: raise ValueError(f"distributed run without a rendezvous: {', '.join(missing)} not set ({launch})")
-    try: rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"]))
-    except ValueError: raise ValueError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers ({launch})") from None
-    if not 0 <= rank < world: raise ValueError(f"RANK {rank} is outside [0, WORLD_SIZE={world}) ({launch})")
+    if missing:
+        raise ValueError(f"distributed run without a rendezvous: {', '.join(missing)} not set ({launch})")
+    try:
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"]))
+    except ValueError:
+        raise ValueError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers ({launch})") from None
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK {rank} is outside [0, WORLD_SIZE={world}) ({launch})")
     return DistributedContext(rank=rank, local_rank=local, world_size=world)
 
 # %% ../nbs/08_train.ipynb #3f3abd60
 @torch.no_grad()
-def estimate_loss(model: torch.nn.Module, data, batch_size: int, context_length: int, num_batches: int,
-                  seed: int, device: str | torch.device, amp_dtype: torch.dtype | None = None,
-                  ctx: DistributedContext | None = None) -> float:
-    "Mean loss over the fixed validation batches `0 .. num_batches-1`, shared out over the processes."
+def estimate_loss(
+    model: torch.nn.Module,
+    data,
+    batch_size: int,
+    context_length: int,
+    num_batches: int,
+    seed: int,
+    device: str | torch.device,
+    amp_dtype: torch.dtype | None = None,
+    ctx: DistributedContext | None = None,
+) -> float:
+    """Mean loss over the fixed validation batches `0 .. num_batches-1`, shared out over the processes."""
     ctx = ctx or DistributedContext()
     was_training = model.training
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)      # (sum of losses, number of batches)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, number of batches)
     for i in range(ctx.rank, num_batches, ctx.world_size):
         x, y = get_batch(data, batch_size, context_length, device, generator=batch_generator(seed, 0, i, stream=1))
         with torch.autocast(torch.device(device).type, dtype=amp_dtype) if amp_dtype else nullcontext():
             logits = model(x)
         totals[0] += cross_entropy(logits, y).double()
         totals[1] += 1
-    if ctx.enabled: dist.all_reduce(totals)                          # every process gets the global sums
+    if ctx.enabled:
+        dist.all_reduce(totals)  # every process gets the global sums
     model.train(was_training)
     return (totals[0] / totals[1]).item()
 
 # %% ../nbs/08_train.ipynb #6ab3b07f
 class NonFiniteLossError(RuntimeError):
-    "The loss became NaN or infinite; the run stopped without saving."
+    """The loss became NaN or infinite; the run stopped without saving."""
 
 
 def _rng_state() -> dict:
-    "Every random generator's state, as tensors and plain values (loadable with weights_only=True)."
+    """Every random generator's state, as tensors and plain values (loadable with weights_only=True)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
-    if torch.cuda.is_available(): state["cuda"] = torch.cuda.get_rng_state_all()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    "Restore what `_rng_state` saved."
+    """Restore what `_rng_state` saved."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
@@ -337,65 +437,90 @@ def _set_rng_state(state: dict) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    "`auto` is the best device present (cuda, then mps, then cpu); anything else must be a valid torch device."
+    """`auto` is the best device present (cuda, then mps, then cpu); anything else must be a valid torch device."""
     if name == "auto":
-        if torch.cuda.is_available(): return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available(): return torch.device("mps")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
         return torch.device("cpu")
-    try: device = torch.device(name)
-    except RuntimeError: raise ValueError(f"device {name!r} is not a torch device (try auto, cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available(): raise ValueError("device cuda asked for, but CUDA is not available")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a torch device (try auto, cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda asked for, but CUDA is not available")
     return device
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> TransformerLM:
-    "The `TransformerLM` that `cfg` describes, on `device` (float32 weights; autocast handles bfloat16)."
-    return TransformerLM(vocab_size=cfg.vocab_size, context_length=cfg.context_length, d_model=cfg.d_model,
-                         num_layers=cfg.num_layers, num_heads=cfg.num_heads, d_ff=cfg.d_ff, rope_theta=cfg.rope_theta,
-                         remove_rmsnorm=cfg.remove_rmsnorm, use_post_norm=cfg.use_post_norm, remove_rope=cfg.remove_rope,
-                         ffn_type=cfg.ffn_type, tie_embeddings=cfg.tie_embeddings, device=device)
+    """The `TransformerLM` that `cfg` describes, on `device` (float32 weights; autocast handles bfloat16)."""
+    return TransformerLM(
+        vocab_size=cfg.vocab_size,
+        context_length=cfg.context_length,
+        d_model=cfg.d_model,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        d_ff=cfg.d_ff,
+        rope_theta=cfg.rope_theta,
+        remove_rmsnorm=cfg.remove_rmsnorm,
+        use_post_norm=cfg.use_post_norm,
+        remove_rope=cfg.remove_rope,
+        ffn_type=cfg.ffn_type,
+        tie_embeddings=cfg.tie_embeddings,
+        device=device,
+    )
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> AdamW:
-    "AdamW with weight decay on matrices and embeddings, none on the norms' gains."
+    """AdamW with weight decay on matrices and embeddings, none on the norms' gains."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return AdamW([g for g in groups if g["params"]], lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
 def format_config(cfg: TrainConfig) -> str:
-    "The `Training Configuration` table: sorted `key : value` lines between rules."
+    """The `Training Configuration` table: sorted `key : value` lines between rules."""
     rule = "=" * 60
     lines = [f"{k:<20} : {v}" for k, v in sorted(asdict(cfg).items())]
     return "\n".join([rule, "Training Configuration", rule, *lines, rule])
 
 # %% ../nbs/08_train.ipynb #182b0a40
 class MetricsLog:
-    "Append-only `metrics.jsonl`: one JSON object per line, flushed at once."
+    """Append-only `metrics.jsonl`: one JSON object per line, flushed at once."""
+
     def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
-            keep = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()
-                    and self._keep(json.loads(line), resume_step)]
+            keep = [
+                line
+                for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and self._keep(json.loads(line), resume_step)
+            ]
             self.path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
             self.file = open(self.path, "a", encoding="utf-8")
-        else: self.file = open(self.path, "w", encoding="utf-8")
+        else:
+            self.file = open(self.path, "w", encoding="utf-8")
 
     @staticmethod
     def _keep(record: dict, step: int) -> bool:
-        "Train lines of steps before the resume point; eval lines of models up to it."
+        """Train lines of steps before the resume point; eval lines of models up to it."""
         return record["step"] < step if record["type"] == "train" else record["step"] <= step
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
 
-    def close(self) -> None: self.file.close()
+    def close(self) -> None:
+        self.file.close()
 
 # %% ../nbs/08_train.ipynb #e9066659
 class Trainer:
-    "One training run: `Trainer(cfg).fit()`; the constructor does all setup that can fail on bad input."
+    """One training run: `Trainer(cfg).fit()`; the constructor does all setup that can fail on bad input."""
+
     def __init__(self, cfg: TrainConfig, checkpoint: dict | None = None, ctx: DistributedContext | None = None):
         self.ctx = ctx = ctx or DistributedContext()
         validate_config(cfg, ctx.world_size)
@@ -408,19 +533,23 @@ class Trainer:
             raise ValueError(f"{self.device} does not support bfloat16: use --dtype float32")
         self.amp_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
         if checkpoint is None and list_checkpoints(self.out_dir):
-            raise ValueError(f"{self.out_dir} already holds checkpoints of another run: pass --resume auto to continue "
-                             "it, or choose another --checkpoint-dir")
+            raise ValueError(
+                f"{self.out_dir} already holds checkpoints of another run: pass --resume auto to continue "
+                "it, or choose another --checkpoint-dir"
+            )
         self.log(format_config(cfg))
         self.log("Loading datasets...")
         self.train_data = load_dataset(cfg.train_data, cfg.vocab_size)
         self.val_data = load_dataset(cfg.val_data, cfg.vocab_size)
         for name, data in (("train", self.train_data), ("val", self.val_data)):
             if len(data) <= cfg.context_length:
-                raise ValueError(f"{name} data has {len(data)} tokens, fewer than context_length + 1 = "
-                                 f"{cfg.context_length + 1}: use more data or a shorter --context-length")
+                raise ValueError(
+                    f"{name} data has {len(data)} tokens, fewer than context_length + 1 = "
+                    f"{cfg.context_length + 1}: use more data or a shorter --context-length"
+                )
         self.log(f"Train size: {len(self.train_data):,} tokens | Val size: {len(self.val_data):,} tokens")
 
-        torch.manual_seed(cfg.seed)                      # same initial weights on every process
+        torch.manual_seed(cfg.seed)  # same initial weights on every process
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -428,25 +557,31 @@ class Trainer:
         self.log(f"Model parameters: {sum(p.numel() for p in self.raw_model.parameters()):,}")
         self.optimizer = build_optimizer(self.raw_model, cfg)
         self.start_iter, self.elapsed, self.wandb_id = 0, 0.0, None
-        if checkpoint is not None: self._restore(checkpoint)
+        if checkpoint is not None:
+            self._restore(checkpoint)
 
         self.model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
         self.eval_model = self.model
         if ctx.enabled:
             if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", rank=ctx.rank,
-                                        world_size=ctx.world_size)
+                dist.init_process_group(
+                    "nccl" if self.device.type == "cuda" else "gloo", rank=ctx.rank, world_size=ctx.world_size
+                )
             # a Gloo group for the per-step stop flag: a CPU all-reduce, no GPU sync
             self.control_group = dist.new_group(backend="gloo")
-            self.model = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self.tokens_per_step = cfg.batch_size * cfg.context_length * cfg.grad_accum_steps
-        self.log(f"Device: {self.device} | dtype {cfg.dtype} | world size {ctx.world_size} | "
-                 f"tokens per step {self.tokens_per_step:,}")
+        self.log(
+            f"Device: {self.device} | dtype {cfg.dtype} | world size {ctx.world_size} | "
+            f"tokens per step {self.tokens_per_step:,}"
+        )
         self.wandb_run = self._start_wandb() if cfg.wandb and ctx.is_main else None
         self.stop_signal, self.last_checkpoint = None, None
 
     def _restore(self, checkpoint: dict) -> None:
-        "Load weights, optimiser state, position and RNG states from a checkpoint dict."
+        """Load weights, optimiser state, position and RNG states from a checkpoint dict."""
         try:
             self.raw_model.load_state_dict(checkpoint["model_state_dict"])
             self.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
@@ -455,48 +590,56 @@ class Trainer:
         self.start_iter = int(checkpoint["iteration"])
         self.elapsed = float(checkpoint.get("elapsed_s", 0.0))
         self.wandb_id = checkpoint.get("wandb_run_id")
-        if "rng_state" in checkpoint: _set_rng_state(checkpoint["rng_state"])
+        if "rng_state" in checkpoint:
+            _set_rng_state(checkpoint["rng_state"])
         if self.ctx.is_main:
-            for it, path in list_checkpoints(self.out_dir):      # a rewound run supersedes newer checkpoints
-                if it > self.start_iter: path.rename(path.with_name(path.name + ".superseded"))
+            for it, path in list_checkpoints(self.out_dir):  # a rewound run supersedes newer checkpoints
+                if it > self.start_iter:
+                    path.rename(path.with_name(path.name + ".superseded"))
         self.log(f"Resumed from {self.cfg.resume} at iteration {self.start_iter}")
 
     def _start_wandb(self):
-        "Start (or, when resuming, continue) the W&B run; a failure to start is a setup error."
+        """Start (or, when resuming, continue) the W&B run; a failure to start is a setup error."""
         try:
             import wandb
+
             kwargs = dict(project=self.cfg.wandb_project, name=self.cfg.wandb_run_name, tags=self.cfg.wandb_tags)
-            if self.wandb_id: kwargs.update(id=self.wandb_id, resume="allow")
+            if self.wandb_id:
+                kwargs.update(id=self.wandb_id, resume="allow")
             if "WANDB_DIR" not in os.environ:
                 (self.out_dir / "wandb").mkdir(parents=True, exist_ok=True)
                 kwargs["dir"] = str(self.out_dir)
             run = wandb.init(**kwargs)
             run.config.update(asdict(self.cfg), allow_val_change=True)
         except Exception as e:
-            raise ValueError(f"W&B could not start: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
-                             "(run `wandb login`, or set WANDB_MODE=offline)") from None
+            raise ValueError(
+                f"W&B could not start: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
+                "(run `wandb login`, or set WANDB_MODE=offline)"
+            ) from None
         self.wandb_id = run.id
         return run
 
     def _on_signal(self, signum, frame) -> None:
-        if self.stop_signal is not None:                 # a second Ctrl-C: stop now, without saving
+        if self.stop_signal is not None:  # a second Ctrl-C: stop now, without saving
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-        self.stop_signal = signum                        # only a flag: printing here could re-enter print()
+        self.stop_signal = signum  # only a flag: printing here could re-enter print()
 
     def _should_stop(self) -> bool:
-        "Whether any process was asked to stop (all processes agree, so none waits in a collective)."
+        """Whether any process was asked to stop (all processes agree, so none waits in a collective)."""
         flag = self.stop_signal or 0
         if self.ctx.enabled:
             t = torch.tensor([flag])
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
             flag = int(t.item())
-        if flag and self.stop_signal is None: self.stop_signal = flag
+        if flag and self.stop_signal is None:
+            self.stop_signal = flag
         return bool(flag)
 
     def _read_losses(self, pending: list[tuple[int, Tensor]]) -> list[tuple[int, float]]:
-        "The pending per-step losses as floats (one sync, averaged over processes); stops on a non-finite one."
-        if not pending: return []
+        """The pending per-step losses as floats (one sync, averaged over processes); stops on a non-finite one."""
+        if not pending:
+            return []
         values = torch.stack([loss for _, loss in pending])
         if self.ctx.enabled:
             dist.all_reduce(values)
@@ -504,53 +647,87 @@ class Trainer:
         out = list(zip([s for s, _ in pending], values.tolist()))
         pending.clear()
         for step, loss in out:
-            if not math.isfinite(loss): self._stop_non_finite(f"loss is {loss} at iter {step}")
+            if not math.isfinite(loss):
+                self._stop_non_finite(f"loss is {loss} at iter {step}")
         return out
 
     def _check_weights(self, iteration: int) -> None:
-        "Refuse to go on (and to save) when a weight is NaN or infinite: one sync, at checkpoint time only."
+        """Refuse to go on (and to save) when a weight is NaN or infinite: one sync, at checkpoint time only."""
         if not torch.stack([p.isfinite().all() for p in self.raw_model.parameters()]).all().item():
             self._stop_non_finite(f"weights are not finite after iter {iteration}")
 
     def _stop_non_finite(self, what: str):
         good = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
-        raise NonFiniteLossError(f"{what}: stopping without saving{good} "
-                                 "(lower --max-lr, raise --warmup-iters, or check --grad-clip)")
+        raise NonFiniteLossError(
+            f"{what}: stopping without saving{good} (lower --max-lr, raise --warmup-iters, or check --grad-clip)"
+        )
 
     def save(self, iteration: int) -> Path | None:
-        "Save `checkpoint_<iteration>.pt` (rank 0 only), then prune to `keep_last`."
-        if not self.ctx.is_main: return None
+        """Save `checkpoint_<iteration>.pt` (rank 0 only), then prune to `keep_last`."""
+        if not self.ctx.is_main:
+            return None
         path = self.out_dir / f"checkpoint_{iteration}.pt"
-        save_checkpoint(self.raw_model, self.optimizer, iteration, path, config=asdict(self.cfg),
-                        rng_state=_rng_state(), elapsed_s=self.elapsed + time.perf_counter() - self.t_start,
-                        wandb_run_id=self.wandb_id, world_size=self.ctx.world_size, tokens=iteration * self.tokens_per_step)
+        save_checkpoint(
+            self.raw_model,
+            self.optimizer,
+            iteration,
+            path,
+            config=asdict(self.cfg),
+            rng_state=_rng_state(),
+            elapsed_s=self.elapsed + time.perf_counter() - self.t_start,
+            wandb_run_id=self.wandb_id,
+            world_size=self.ctx.world_size,
+            tokens=iteration * self.tokens_per_step,
+        )
         self.log(f"[CHECKPOINT] Saved to {path}")
         self.last_checkpoint = path
         if self.cfg.keep_last:
-            for _, old in list_checkpoints(self.out_dir)[:-self.cfg.keep_last]: old.unlink()
+            for _, old in list_checkpoints(self.out_dir)[: -self.cfg.keep_last]:
+                old.unlink()
         return path
 
     def evaluate(self, iteration: int) -> float:
-        "Validation loss of the current model; printed, recorded and sent to W&B."
+        """Validation loss of the current model; printed, recorded and sent to W&B."""
         cfg = self.cfg
-        val_loss = estimate_loss(self.eval_model, self.val_data, cfg.batch_size, cfg.context_length, cfg.eval_iters,
-                                 cfg.seed, self.device, self.amp_dtype, self.ctx)
-        if not math.isfinite(val_loss): self._stop_non_finite(f"validation loss is {val_loss} at iter {iteration}")
+        val_loss = estimate_loss(
+            self.eval_model,
+            self.val_data,
+            cfg.batch_size,
+            cfg.context_length,
+            cfg.eval_iters,
+            cfg.seed,
+            self.device,
+            self.amp_dtype,
+            self.ctx,
+        )
+        if not math.isfinite(val_loss):
+            self._stop_non_finite(f"validation loss is {val_loss} at iter {iteration}")
         ppl = math.exp(min(val_loss, 700.0))
         self.log(f"[EVAL] iter {iteration:6d} | val_loss {val_loss:.4f} | val_ppl {ppl:.2f}")
-        self._record({"type": "eval", "step": iteration, "tokens": iteration * self.tokens_per_step,
-                      "time_s": self._time(), "val_loss": val_loss, "val_ppl": ppl},
-                     {"val/loss": val_loss, "val/perplexity": ppl})
+        self._record(
+            {
+                "type": "eval",
+                "step": iteration,
+                "tokens": iteration * self.tokens_per_step,
+                "time_s": self._time(),
+                "val_loss": val_loss,
+                "val_ppl": ppl,
+            },
+            {"val/loss": val_loss, "val/perplexity": ppl},
+        )
         return val_loss
 
-    def _time(self) -> float: return self.elapsed + time.perf_counter() - self.t_start
+    def _time(self) -> float:
+        return self.elapsed + time.perf_counter() - self.t_start
 
     def _record(self, record: dict, wandb_metrics: dict) -> None:
-        if self.metrics: self.metrics.write(record)
-        if self.wandb_run: self.wandb_run.log(wandb_metrics, step=record["step"])
+        if self.metrics:
+            self.metrics.write(record)
+        if self.wandb_run:
+            self.wandb_run.log(wandb_metrics, step=record["step"])
 
     def fit(self) -> dict:
-        "Train from the start (or resume) iteration to `max_iters`; returns a summary of the run."
+        """Train from the start (or resume) iteration to `max_iters`; returns a summary of the run."""
         cfg, ctx = self.cfg, self.ctx
         self.t_start = time.perf_counter()
         self.metrics = None
@@ -560,8 +737,10 @@ class Trainer:
             self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", self.start_iter if cfg.resume else None)
         summary = {"iteration": self.start_iter, "val_loss": None, "interrupted": None}
         if self.start_iter >= cfg.max_iters:
-            self.log(f"Nothing to train: the run is at iteration {self.start_iter} >= max_iters {cfg.max_iters} "
-                     "(raise --max-iters to continue)")
+            self.log(
+                f"Nothing to train: the run is at iteration {self.start_iter} >= max_iters {cfg.max_iters} "
+                "(raise --max-iters to continue)"
+            )
             return summary
         handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
@@ -570,79 +749,112 @@ class Trainer:
         try:
             for it in range(self.start_iter, cfg.max_iters):
                 lr = lr_cosine_schedule(it, cfg.max_lr, cfg.min_lr, cfg.warmup_iters, cycle)
-                batches = micro_batches(self.train_data, cfg.batch_size, cfg.context_length, cfg.seed, it,
-                                        cfg.grad_accum_steps, self.device, ctx.rank, ctx.world_size)
+                batches = micro_batches(
+                    self.train_data,
+                    cfg.batch_size,
+                    cfg.context_length,
+                    cfg.seed,
+                    it,
+                    cfg.grad_accum_steps,
+                    self.device,
+                    ctx.rank,
+                    ctx.world_size,
+                )
                 loss, grad_norm = train_step(self.model, self.optimizer, batches, lr, max_norm, self.amp_dtype)
                 pending.append((it, loss))
                 steps_since += 1
-                done = it + 1                                  # steps completed: the model is now "iter done"
+                done = it + 1  # steps completed: the model is now "iter done"
                 stop, last = self._should_stop(), done == cfg.max_iters
                 if it % cfg.log_interval == 0 or last or stop:
-                    losses = self._read_losses(pending)        # the one host sync of the interval
+                    losses = self._read_losses(pending)  # the one host sync of the interval
                     ms = (time.perf_counter() - t_last) * 1000 / steps_since
                     tps = self.tokens_per_step / (ms / 1000)
                     step_loss, norm = losses[-1][1], grad_norm.item()
                     self.log(f"iter {it:6d} | loss {step_loss:.4f} | lr {lr:.2e} | {ms:.2f}ms | {tps:,.0f} tok/s")
-                    self._record({"type": "train", "step": it, "tokens": it * self.tokens_per_step,
-                                  "time_s": self._time(), "lr": lr, "loss": step_loss, "grad_norm": norm,
-                                  "tokens_per_s": tps, "iter_time_ms": ms},
-                                 {"train/loss": step_loss, "train/lr": lr, "train/iter_time_ms": ms,
-                                  "train/grad_norm": norm, "train/tokens_per_s": tps,
-                                  "train/tokens": it * self.tokens_per_step})
+                    self._record(
+                        {
+                            "type": "train",
+                            "step": it,
+                            "tokens": it * self.tokens_per_step,
+                            "time_s": self._time(),
+                            "lr": lr,
+                            "loss": step_loss,
+                            "grad_norm": norm,
+                            "tokens_per_s": tps,
+                            "iter_time_ms": ms,
+                        },
+                        {
+                            "train/loss": step_loss,
+                            "train/lr": lr,
+                            "train/iter_time_ms": ms,
+                            "train/grad_norm": norm,
+                            "train/tokens_per_s": tps,
+                            "train/tokens": it * self.tokens_per_step,
+                        },
+                    )
                     t_last, steps_since = time.perf_counter(), 0
                 if done % cfg.eval_interval == 0 or last:
                     self._read_losses(pending)
                     summary["val_loss"] = self.evaluate(done)
                 if done % cfg.checkpoint_interval == 0 or last or stop:
-                    self._read_losses(pending)                 # never save weights after a NaN loss,
-                    self._check_weights(done)                  # nor weights a huge step made infinite
+                    self._read_losses(pending)  # never save weights after a NaN loss,
+                    self._check_weights(done)  # nor weights a huge step made infinite
                     self.save(done)
                 if done % cfg.eval_interval == 0 or done % cfg.checkpoint_interval == 0:
-                    t_last, steps_since = time.perf_counter(), 0   # keep eval and saving out of iter_time_ms
+                    t_last, steps_since = time.perf_counter(), 0  # keep eval and saving out of iter_time_ms
                 summary["iteration"] = done
                 if stop:
-                    self.log(f"Stopped by {signal.Signals(self.stop_signal).name} at iteration {done}: "
-                             "continue with --resume auto")
+                    self.log(
+                        f"Stopped by {signal.Signals(self.stop_signal).name} at iteration {done}: "
+                        "continue with --resume auto"
+                    )
                     summary["interrupted"] = self.stop_signal
                     break
         finally:
-            for sig, handler in handlers.items(): signal.signal(sig, handler)
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
         return summary
 
     def close(self, exit_code: int = 0) -> None:
-        "Close the metrics file, finish W&B, and leave the process group."
-        if getattr(self, "metrics", None): self.metrics.close()
-        if self.wandb_run is not None: self.wandb_run.finish(exit_code=exit_code)
+        """Close the metrics file, finish W&B, and leave the process group."""
+        if getattr(self, "metrics", None):
+            self.metrics.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=exit_code)
 
 # %% ../nbs/08_train.ipynb #988d421a
 def _exit_worker(exc: BaseException | None) -> None:
-    "End a torchrun worker now, skipping interpreter teardown, with the status `exc` implies."
+    """End a torchrun worker now, skipping interpreter teardown, with the status `exc` implies."""
     # Freeing DDP's reducer after the process group is gone can deadlock: its Gloo worker thread waits
     # for the GIL while the destructor, holding the GIL, joins that thread (seen on 2 CPU processes).
-    if exc is not None and not isinstance(exc, SystemExit): traceback.print_exception(exc)
+    if exc is not None and not isinstance(exc, SystemExit):
+        traceback.print_exception(exc)
     code = 0 if exc is None else exc.code if isinstance(exc, SystemExit) else 1
-    if not isinstance(code, int): code = 0 if code is None else 1
-    sys.stdout.flush(); sys.stderr.flush()
+    if not isinstance(code, int):
+        code = 0 if code is None else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(code)
 
 
 def _fail(message: str, ctx: DistributedContext | None, status: int):
-    "One line on stderr (prefixed on ranks other than 0), then exit."
+    """One line on stderr (prefixed on ranks other than 0), then exit."""
     prefix = f"[rank {ctx.rank}] " if ctx and not ctx.is_main else ""
     print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(status)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    "`python -m cs336_nb.train`: train a Transformer LM as the flags and `--config` describe."
+    """`python -m cs336_nb.train`: train a Transformer LM as the flags and `--config` describe."""
     ctx, trainer = None, None
     try:
         try:
             ctx = distributed_from_env()
-            if not ctx.is_main: sys.stdout = open(os.devnull, "w")   # rank 0 alone prints
+            if not ctx.is_main:
+                sys.stdout = open(os.devnull, "w")  # rank 0 alone prints
             cfg, checkpoint = resolve_config(argv)
             trainer = Trainer(cfg, checkpoint, ctx)
-        except (ValueError, OSError) as e:                            # bad input: CheckpointError is a ValueError
+        except (ValueError, OSError) as e:  # bad input: CheckpointError is a ValueError
             _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, ctx, 2)
         try:
             summary = trainer.fit()
@@ -650,7 +862,8 @@ def main(argv: list[str] | None = None) -> dict:
             trainer.close(exit_code=1)
             _fail(str(e), ctx, 1)
         trainer.close(exit_code=0)
-        if summary["interrupted"]: raise SystemExit(128 + summary["interrupted"])
+        if summary["interrupted"]:
+            raise SystemExit(128 + summary["interrupted"])
         return summary
     except KeyboardInterrupt:
         _fail("interrupted", ctx, 130)
@@ -661,4 +874,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 # %% ../nbs/08_train.ipynb #ed57580e
 #| eval: false
-if __name__ == "__main__" and "__file__" in globals(): main()
+if __name__ == "__main__" and "__file__" in globals():
+    main()

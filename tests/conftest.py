@@ -1,4 +1,5 @@
 """Shared pytest setup: every test runs from the repository root with the package importable."""
+
 import os
 from pathlib import Path
 

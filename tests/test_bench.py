@@ -1,6 +1,7 @@
 """End-to-end checks of `python -m cs336_nb.bench` on a tiny shape: the JSON it writes is
 self-consistent, the malloc re-exec happened, each contender's peak RSS was probed in its own
 process, and bad input is one line on stderr with exit status 2."""
+
 import json
 import os
 import platform
@@ -9,23 +10,59 @@ import sys
 
 from conftest import ROOT
 
-TINY = ["--vocab-size", "128", "--context-length", "32", "--d-model", "32", "--num-layers", "2",
-        "--num-heads", "4", "--d-ff", "64"]
+TINY = [
+    "--vocab-size",
+    "128",
+    "--context-length",
+    "32",
+    "--d-model",
+    "32",
+    "--num-layers",
+    "2",
+    "--num-heads",
+    "4",
+    "--d-ff",
+    "64",
+]
 
 
 def _run(args, **env):
     # one thread: on a shared 2-core machine, two spinning OpenMP threads make tiny ops 10-70x slower
     environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | {"OMP_NUM_THREADS": "1"} | env
-    return subprocess.run([sys.executable, "-m", "cs336_nb.bench", *args], cwd=ROOT, env=environ,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "cs336_nb.bench", *args],
+        cwd=ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_bench_cli_tiny(tmp_path):
     config = tmp_path / "train.json"
     config.write_text(json.dumps({"context_length": 32, "batch_size": 8, "max_lr": 1e-3, "train_data": "unused.npy"}))
     out = tmp_path / "bench.json"
-    proc = _run(["--config", str(config), *TINY[:2], *TINY[4:], "--batch-size", "3", "--device", "cpu",
-                 "--steps", "2", "--warmup", "1", "--variants", "ours,native", "--json", str(out)])
+    proc = _run(
+        [
+            "--config",
+            str(config),
+            *TINY[:2],
+            *TINY[4:],
+            "--batch-size",
+            "3",
+            "--device",
+            "cpu",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--variants",
+            "ours,native",
+            "--json",
+            str(out),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     cfg = result["config"]
@@ -39,17 +76,37 @@ def test_bench_cli_tiny(tmp_path):
         assert abs(v["mfu"] - v["tokens_per_s"] * result["flops_per_token"] / result["peak_flops"]) < 1e-9
         assert 50e6 < v["peak_memory_bytes"] < 8e9  # a real process RSS: torch alone is > 50 MB
         assert name in proc.stdout
-    per_round = [b["step"] / a["step"] for a, b in zip(result["variants"]["ours"]["samples"],
-                                                       result["variants"]["native"]["samples"])]
+    per_round = [
+        b["step"] / a["step"]
+        for a, b in zip(result["variants"]["ours"]["samples"], result["variants"]["native"]["samples"])
+    ]
     assert abs(result["ratios"]["ours/native"] - sum(per_round) / 2) < 1e-9
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert result["malloc_tuned"]  # main re-executed itself with GLIBC_TUNABLES
 
 
 def test_bench_cli_opt_out_and_bad_input(tmp_path):
-    proc = _run([*TINY, "--batch-size", "2", "--device", "cpu", "--steps", "1", "--warmup", "0",
-                 "--variants", "ours", "--peak-repeats", "0", "--no-memory-probe", "--json", str(tmp_path / "r.json")],
-                CS336_MALLOC_TUNING="0")
+    proc = _run(
+        [
+            *TINY,
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--variants",
+            "ours",
+            "--peak-repeats",
+            "0",
+            "--no-memory-probe",
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+        CS336_MALLOC_TUNING="0",
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "r.json").read_text())
     assert not result["malloc_tuned"] and result["peak_flops"] is None and result["variants"]["ours"]["mfu"] is None

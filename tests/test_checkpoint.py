@@ -6,6 +6,7 @@ os.replace) the target always loads and holds one complete earlier version; the 
 `torch.save` to the target path, is killed the same way and leaves a file `read_checkpoint` rejects:
 proof that the kill really lands mid-write, so the first test can fail.
 """
+
 import random
 import signal
 import subprocess
@@ -38,14 +39,16 @@ def _kill_mid_save(path, mode, rounds_wanted=1):
     try:
         saved = 0
         for line in proc.stdout:
-            if line.startswith("saved"): saved += 1
+            if line.startswith("saved"):
+                saved += 1
             if line.startswith("saving") and saved >= rounds_wanted:
-                time.sleep(random.uniform(0.0, 0.05))        # somewhere inside the 32 MB write
+                time.sleep(random.uniform(0.0, 0.05))  # somewhere inside the 32 MB write
                 proc.send_signal(signal.SIGKILL)
                 break
         proc.wait(timeout=30)
     finally:
-        if proc.poll() is None: proc.kill()
+        if proc.poll() is None:
+            proc.kill()
     return saved
 
 
@@ -55,8 +58,8 @@ def test_killed_atomic_save_leaves_previous_checkpoint(tmp_path):
     mid_write = 0
     for _ in range(2):
         saved = _kill_mid_save(path, "atomic")
-        mid_write += any(p.name.endswith(".tmp") for p in tmp_path.iterdir())   # the kill hit a write
-        ckpt = read_checkpoint(path)                          # never raises: the file is always complete
+        mid_write += any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the kill hit a write
+        ckpt = read_checkpoint(path)  # never raises: the file is always complete
         it = ckpt["iteration"]
         assert it >= saved >= 1
         w = ckpt["model_state_dict"]["weight"]
@@ -68,8 +71,10 @@ def test_killed_plain_save_corrupts_the_checkpoint(tmp_path):
     """The control: without the atomic write, a kill mid-save destroys the checkpoint."""
     random.seed(0)
     path = tmp_path / "ckpt.pt"
-    for _ in range(5):                                        # a kill can land between saves: retry
+    for _ in range(5):  # a kill can land between saves: retry
         _kill_mid_save(path, "plain")
-        try: read_checkpoint(path)
-        except CheckpointError: return
+        try:
+            read_checkpoint(path)
+        except CheckpointError:
+            return
     pytest.fail("a plain torch.save was never caught mid-write: the kill test cannot tell atomic from not")

@@ -7,6 +7,7 @@ One module-scoped run is shared by every test: a byte-level BPE tokenizer (vocab
 preparation writes it), and 10 training steps of a tiny model. Generation must find that tokenizer
 through the meta file alone (the run is trained without --tokenizer-dir).
 """
+
 import json
 import os
 import struct
@@ -17,10 +18,12 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
-
 from conftest import ROOT, SHARED_DATA
-from cs336_nb.generate import find_tokenizer, load_model, main as generate_main, sample_text
-from cs336_nb.plot import FIGSIZE, main as plot_main
+
+from cs336_nb.generate import find_tokenizer, load_model, sample_text
+from cs336_nb.generate import main as generate_main
+from cs336_nb.plot import FIGSIZE
+from cs336_nb.plot import main as plot_main
 from cs336_nb.tokenizer import Tokenizer, train_bpe
 
 PROMPT = "Once upon a time"
@@ -28,10 +31,22 @@ PROMPT = "Once upon a time"
 
 def cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python -m cs336_nb.<module> args` from the repository root, this checkout first on the path."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONIOENCODING": "utf-8"}
-    return subprocess.run([sys.executable, "-m", f"cs336_nb.{module}", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, encoding="utf-8", timeout=timeout)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "PYTHONIOENCODING": "utf-8",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", f"cs336_nb.{module}", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=timeout,
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, text: str) -> None:
@@ -56,24 +71,62 @@ def run(tmp_path_factory) -> Path:
     vocab, merges = train_bpe(SHARED_DATA / "tinystories_sample.txt", 300, ["<|endoftext|>"])
     Tokenizer(vocab, merges, ["<|endoftext|>"]).save(data / "tiny_tokenizer")
     tokenizer = Tokenizer.from_dir(data / "tiny_tokenizer")
-    ids = np.array(tokenizer.encode((SHARED_DATA / "tinystories_sample.txt").read_text(encoding="utf-8")), dtype=np.uint16)
+    ids = np.array(
+        tokenizer.encode((SHARED_DATA / "tinystories_sample.txt").read_text(encoding="utf-8")), dtype=np.uint16
+    )
     cut = int(0.8 * len(ids))
     np.save(data / "tiny_train.uint16.npy", ids[:cut])
     np.save(data / "tiny_val.uint16.npy", ids[cut:])
     (data / "tiny_meta.json").write_text(json.dumps({"tokenizer_dir": str(data / "tiny_tokenizer"), "vocab_size": 300}))
     run_dir = tmp / "tiny_run"
-    proc = cli("train", "--train-data", data / "tiny_train.uint16.npy", "--val-data", data / "tiny_val.uint16.npy",
-               "--vocab-size", 300, "--context-length", 32, "--d-model", 32, "--num-layers", 2, "--num-heads", 4,
-               "--d-ff", 64, "--batch-size", 4, "--max-iters", 10, "--warmup-iters", 2, "--max-lr", 3e-3,
-               "--log-interval", 2, "--eval-interval", 5, "--eval-iters", 2, "--checkpoint-interval", 5,
-               "--checkpoint-dir", run_dir, "--device", "cpu")
+    proc = cli(
+        "train",
+        "--train-data",
+        data / "tiny_train.uint16.npy",
+        "--val-data",
+        data / "tiny_val.uint16.npy",
+        "--vocab-size",
+        300,
+        "--context-length",
+        32,
+        "--d-model",
+        32,
+        "--num-layers",
+        2,
+        "--num-heads",
+        4,
+        "--d-ff",
+        64,
+        "--batch-size",
+        4,
+        "--max-iters",
+        10,
+        "--warmup-iters",
+        2,
+        "--max-lr",
+        3e-3,
+        "--log-interval",
+        2,
+        "--eval-interval",
+        5,
+        "--eval-iters",
+        2,
+        "--checkpoint-interval",
+        5,
+        "--checkpoint-dir",
+        run_dir,
+        "--device",
+        "cpu",
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (run_dir / "metrics.jsonl").is_file() and list(run_dir.glob("checkpoint_*.pt")), sorted(run_dir.iterdir())
     return run_dir
 
 
 def test_generate_cli_streams_the_sample_of_the_newest_checkpoint(run):
-    proc = cli("generate", "--checkpoint", run, "--prompt", PROMPT, "--max-new-tokens", 24, "--seed", 0, "--device", "cpu")
+    proc = cli(
+        "generate", "--checkpoint", run, "--prompt", PROMPT, "--max-new-tokens", 24, "--seed", 0, "--device", "cpu"
+    )
     assert proc.returncode == 0, proc.stderr
     assert "checkpoint_10.pt" in proc.stderr  # the newest of checkpoint_5.pt, checkpoint_10.pt
     # independent of the CLI's plumbing: the same model, tokenizer and seed through the library call
@@ -85,7 +138,9 @@ def test_generate_cli_streams_the_sample_of_the_newest_checkpoint(run):
 
 
 def test_generate_cli_bad_input_is_one_line(run, tmp_path, capsys):
-    assert_one_line_error(cli("generate", "--checkpoint", tmp_path / "missing.pt", "--prompt", PROMPT), "checkpoint not found")
+    assert_one_line_error(
+        cli("generate", "--checkpoint", tmp_path / "missing.pt", "--prompt", PROMPT), "checkpoint not found"
+    )
     # the rest in-process: the same code path without an interpreter start-up each
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
@@ -108,7 +163,9 @@ def test_checkpoint_copied_elsewhere_still_finds_its_tokenizer(run, tmp_path):
     # the checkpoint carries its config (data paths included): no config.json is needed beside it
     (tmp_path / "checkpoint_10.pt").write_bytes((run / "checkpoint_10.pt").read_bytes())
     model, config, path = load_model(tmp_path)
-    assert find_tokenizer(config, path).encode(PROMPT) == Tokenizer.from_dir(run.parent / "data" / "tiny_tokenizer").encode(PROMPT)
+    assert find_tokenizer(config, path).encode(PROMPT) == Tokenizer.from_dir(
+        run.parent / "data" / "tiny_tokenizer"
+    ).encode(PROMPT)
     with pytest.raises(FileNotFoundError, match="pass --tokenizer"):  # a config that names no data
         find_tokenizer({**config, "train_data": None, "tokenizer_dir": None}, path)
 

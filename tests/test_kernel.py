@@ -3,13 +3,13 @@ every cell, in order, through `nbclient` and `ipykernel` (not nbdev's in-process
 
 IN_TEST=1 is set so demo cells keep their work small, exactly as under `nbdev_test`.
 """
+
 import os
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
-
 from conftest import NBS, ROOT
+from nbclient import NotebookClient
 
 NOTEBOOKS = sorted(p for p in NBS.glob("*.ipynb") if not p.name.startswith("_"))
 

@@ -4,13 +4,13 @@ test per notebook, so a failure names its chapter and the summary line counts th
 `nbdev_test` alone prints only `Success.` and exits 0 when a path typo selects no notebook; this
 wrapper fails loudly instead. Cells flagged `#| slow` run too, unless CS336_SKIP_SLOW=1.
 """
+
 import os
 
 import pytest
+from conftest import NBS, ROOT
 from nbdev.config import get_config
 from nbdev.test import test_nb as run_notebook
-
-from conftest import NBS, ROOT
 
 NOTEBOOKS = sorted(p for p in NBS.glob("*.ipynb") if not p.name.startswith("_"))
 

@@ -1,4 +1,5 @@
 """End-to-end checks of `python -m cs336_nb.prepare` in a subprocess: outputs, restart, one-line errors."""
+
 import json
 import os
 import subprocess
@@ -6,7 +7,6 @@ import sys
 import time
 
 import numpy as np
-
 from conftest import ROOT, SHARED_DATA
 
 STORY = SHARED_DATA / "tinystories_sample.txt"
@@ -14,20 +14,32 @@ STORY = SHARED_DATA / "tinystories_sample.txt"
 
 def run(*args, cwd=ROOT):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "cs336_nb.prepare", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "cs336_nb.prepare", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_prepare_writes_verifies_and_restarts(tmp_path):
     out = tmp_path / "tok"
     r = run("--train-text", STORY, "--out-dir", out, "--name", "ts", "--vocab-size", 300, "--val-fraction", 0.2)
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["ts_meta.json", "ts_tokenizer", "ts_train.uint16.npy", "ts_val.uint16.npy"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ts_meta.json",
+        "ts_tokenizer",
+        "ts_train.uint16.npy",
+        "ts_val.uint16.npy",
+    ]
     meta = json.loads((out / "ts_meta.json").read_text())
     train, val = np.load(out / "ts_train.uint16.npy"), np.load(out / "ts_val.uint16.npy")
     assert (meta["train_tokens"], meta["val_tokens"]) == (len(train), len(val)) and len(val) > 0
     assert meta["vocab_size"] == 300 and meta["dtype"] == "uint16" and train.max() < 300
     from cs336_nb.tokenizer import Tokenizer
+
     tok = Tokenizer.from_dir(out / "ts_tokenizer")
     assert tok.decode(np.concatenate([train, val])) == STORY.read_text(encoding="utf-8")
     # the same command again: verified and skipped, files untouched
@@ -71,5 +83,7 @@ def test_stdlib_corpus_quick_start_size(tmp_path):
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "pystdlib_meta.json").read_text())
     assert meta["train_tokens"] > 100_000 and meta["val_tokens"] > 1000
-    assert (tmp_path / "pystdlib_corpus_train.txt").stat().st_size + (tmp_path / "pystdlib_corpus_val.txt").stat().st_size <= 1_000_000
+    assert (tmp_path / "pystdlib_corpus_train.txt").stat().st_size + (
+        tmp_path / "pystdlib_corpus_val.txt"
+    ).stat().st_size <= 1_000_000
     assert seconds < 60, seconds  # the quick start prepares 2-4 MB: this 1 MB run must be quick

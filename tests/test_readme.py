@@ -2,6 +2,7 @@
 installable here). `python tests/test_readme.py` rewrites README.md; the test checks they agree and
 that README shows the exact install and test commands that `.ci/run` uses.
 """
+
 import sys
 from pathlib import Path
 
@@ -21,7 +22,11 @@ def render_readme() -> str:
         if not src or src.startswith("#| hide"):
             continue
         parts.append(src if cell.cell_type == "markdown" else f"```python\n{src}\n```")
-    return "<!-- generated from nbs/index.ipynb by `python tests/test_readme.py`: edit the notebook -->\n\n" + "\n\n".join(parts) + "\n"
+    return (
+        "<!-- generated from nbs/index.ipynb by `python tests/test_readme.py`: edit the notebook -->\n\n"
+        + "\n\n".join(parts)
+        + "\n"
+    )
 
 
 def test_readme_matches_index():

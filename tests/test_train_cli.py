@@ -6,6 +6,7 @@ every kind of bad input (one line on stderr, exit status 2, no traceback).
 The data and the model are tiny and made here: random uint16 tokens, vocab 64, d_model 32, 2 layers.
 A few CLI runs are shared by many tests (module-scoped fixtures) to keep the file fast.
 """
+
 import json
 import math
 import os
@@ -25,12 +26,23 @@ from cs336_nb.train import main
 
 VOCAB = 64
 MODEL = dict(vocab_size=VOCAB, context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=64, rope_theta=10000.0)
-RUN = dict(batch_size=4, warmup_iters=2, cosine_cycle_iters=8, max_lr=3e-3, min_lr=3e-4, log_interval=1,
-           eval_interval=4, eval_iters=2, checkpoint_interval=4, device="cpu", seed=3)
+RUN = dict(
+    batch_size=4,
+    warmup_iters=2,
+    cosine_cycle_iters=8,
+    max_lr=3e-3,
+    min_lr=3e-4,
+    log_interval=1,
+    eval_interval=4,
+    eval_iters=2,
+    checkpoint_interval=4,
+    device="cpu",
+    seed=3,
+)
 
 
 def flags(**kw) -> list[str]:
-    "Command-line flags for keyword settings (True -> --flag)."
+    """Command-line flags for keyword settings (True -> --flag)."""
     out = []
     for k, v in kw.items():
         flag = "--" + k.replace("_", "-")
@@ -39,11 +51,24 @@ def flags(**kw) -> list[str]:
 
 
 def train_cli(args: list[str], cwd: Path, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
-    "Run the training CLI in a subprocess; W&B offline unless the environment says otherwise."
+    """Run the training CLI in a subprocess; W&B offline unless the environment says otherwise."""
     # W&B offline here too: module fixtures run before conftest's; one thread: tiny models, shared CI cores
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", **os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "cs336_nb.train", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout, **popen)
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "cs336_nb.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,
+    )
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -59,25 +84,34 @@ def load(path: Path) -> dict:
 
 
 def assert_ok(proc: subprocess.CompletedProcess):
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    )
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    "Token files and a JSON config for the tiny runs."
+    """Token files and a JSON config for the tiny runs."""
     d = tmp_path_factory.mktemp("train_cli")
     rng = np.random.default_rng(0)
     np.save(d / "train.npy", rng.integers(0, VOCAB, 20_000).astype(np.uint16))
     np.save(d / "val.npy", rng.integers(0, VOCAB, 4_000).astype(np.uint16))
-    config = {**MODEL, **RUN, "train_data": str(d / "train.npy"), "val_data": str(d / "val.npy"), "max_iters": 8,
-              "keep_last": 0, "checkpoint_dir": str(d / "full")}
+    config = {
+        **MODEL,
+        **RUN,
+        "train_data": str(d / "train.npy"),
+        "val_data": str(d / "val.npy"),
+        "max_iters": 8,
+        "keep_last": 0,
+        "checkpoint_dir": str(d / "full"),
+    }
     (d / "config.json").write_text(json.dumps(config, indent=1))
     return d
 
 
 @pytest.fixture(scope="module")
 def full(work) -> subprocess.CompletedProcess:
-    "Form 1, a config file: 8 steps, checkpoints at 4 and 8, all kept."
+    """Form 1, a config file: 8 steps, checkpoints at 4 and 8, all kept."""
     proc = train_cli(["--config", str(work / "config.json")], cwd=work)
     assert_ok(proc)
     return proc
@@ -88,24 +122,50 @@ def halves(work, full) -> dict:
     """Form 2, flags only, for 4 steps (with W&B); then form 3, config + --resume auto, to 8 steps.
     Same settings as `full`, so the two must agree bit for bit."""
     out = work / "halves"
-    first = train_cli(flags(train_data=work / "train.npy", val_data=work / "val.npy", **MODEL, **RUN, max_iters=4,
-                            keep_last=1, checkpoint_dir=out, wandb=True, wandb_run_name="tiny", wandb_tags="a,b"), cwd=work)
+    first = train_cli(
+        flags(
+            train_data=work / "train.npy",
+            val_data=work / "val.npy",
+            **MODEL,
+            **RUN,
+            max_iters=4,
+            keep_last=1,
+            checkpoint_dir=out,
+            wandb=True,
+            wandb_run_name="tiny",
+            wandb_tags="a,b",
+        ),
+        cwd=work,
+    )
     assert_ok(first)
     after_first = sorted(p.name for p in out.glob("checkpoint_*.pt"))
     first_metrics = metrics(out)
-    second = train_cli(["--config", str(work / "config.json"), "--checkpoint-dir", str(out), "--keep-last", "1",
-                        "--wandb", "--resume", "auto"], cwd=work)
+    second = train_cli(
+        [
+            "--config",
+            str(work / "config.json"),
+            "--checkpoint-dir",
+            str(out),
+            "--keep-last",
+            "1",
+            "--wandb",
+            "--resume",
+            "auto",
+        ],
+        cwd=work,
+    )
     assert_ok(second)
     return dict(dir=out, first=first, second=second, after_first=after_first, first_metrics=first_metrics)
 
 
 # --- output format --------------------------------------------------------------------------------
 
+
 def test_output_format(full, work):
     lines = full.stdout.splitlines()
     rules = [i for i, line in enumerate(lines) if re.fullmatch(r"=+", line)]
     assert lines[rules[0] + 1] == "Training Configuration" and len(rules) >= 3
-    table = lines[rules[1] + 1:rules[2]]
+    table = lines[rules[1] + 1 : rules[2]]
     keys = [line.split(" : ")[0].strip() for line in table]
     assert keys == sorted(keys) and {"batch_size", "d_model", "max_lr", "wandb_project"} <= set(keys)
     assert dict((k, line.split(" : ", 1)[1]) for k, line in zip(keys, table))["d_model"] == "32"
@@ -119,7 +179,9 @@ def test_output_format(full, work):
     assert all(re.fullmatch(pattern, line) for line in iters), iters
     assert iters[0].startswith("iter      0 | loss ") and "| lr 0.00e+00 |" in iters[0]
     evals = [line for line in lines if line.startswith("[EVAL]")]
-    assert [re.fullmatch(r"\[EVAL\] iter +(\d+) \| val_loss \d+\.\d{4} \| val_ppl \d+\.\d{2}", l).group(1) for l in evals] == ["4", "8"]
+    assert [
+        re.fullmatch(r"\[EVAL\] iter +(\d+) \| val_loss \d+\.\d{4} \| val_ppl \d+\.\d{2}", l).group(1) for l in evals
+    ] == ["4", "8"]
     saved = [line for line in lines if line.startswith("[CHECKPOINT]")]
     assert saved == [f"[CHECKPOINT] Saved to {work / 'full' / f'checkpoint_{i}.pt'}" for i in (4, 8)]
     assert "Traceback" not in full.stderr
@@ -130,17 +192,30 @@ def test_metrics_file(full, work):
     train = [r for r in rows if r["type"] == "train"]
     evals = [r for r in rows if r["type"] == "eval"]
     assert [r["step"] for r in train] == list(range(8)) and [r["step"] for r in evals] == [4, 8]
-    assert set(train[0]) == {"type", "step", "tokens", "time_s", "lr", "loss", "grad_norm", "tokens_per_s", "iter_time_ms"}
+    assert set(train[0]) == {
+        "type",
+        "step",
+        "tokens",
+        "time_s",
+        "lr",
+        "loss",
+        "grad_norm",
+        "tokens_per_s",
+        "iter_time_ms",
+    }
     assert set(evals[0]) == {"type", "step", "tokens", "time_s", "val_loss", "val_ppl"}
     per_step = RUN["batch_size"] * MODEL["context_length"]
     assert [r["tokens"] for r in train] == [s * per_step for s in range(8)]
     assert all(math.isclose(r["val_ppl"], math.exp(r["val_loss"]), rel_tol=1e-9) for r in evals)
     times = [r["time_s"] for r in rows]
     assert times == sorted(times)
+
     # the schedule, recomputed independently: linear warm-up from 0, cosine from max_lr to min_lr over 8 steps
     def lr(t):
-        if t < 2: return 3e-3 * t / 2
+        if t < 2:
+            return 3e-3 * t / 2
         return 3e-4 + 0.5 * (1 + math.cos(math.pi * (t - 2) / 6)) * (3e-3 - 3e-4)
+
     assert all(math.isclose(r["lr"], lr(r["step"]), rel_tol=1e-12, abs_tol=1e-15) for r in train)
     # the printed loss is the recorded one
     printed = [float(re.search(r"loss (\S+)", l).group(1)) for l in full.stdout.splitlines() if l.startswith("iter ")]
@@ -149,12 +224,14 @@ def test_metrics_file(full, work):
 
 def test_checkpoint_contents(full, work):
     files = sorted(p.name for p in (work / "full").iterdir())
-    assert files == ["checkpoint_4.pt", "checkpoint_8.pt", "config.json", "metrics.jsonl"]   # keep_last 0 keeps all
+    assert files == ["checkpoint_4.pt", "checkpoint_8.pt", "config.json", "metrics.jsonl"]  # keep_last 0 keeps all
     ckpt = load(work / "full" / "checkpoint_8.pt")
     assert {"model_state_dict", "optimizer_state_dict", "iteration", "config", "rng_state"} <= set(ckpt)
     assert ckpt["iteration"] == 8
     reference = TransformerLM(**MODEL).state_dict()
-    assert {k: tuple(v.shape) for k, v in ckpt["model_state_dict"].items()} == {k: tuple(v.shape) for k, v in reference.items()}
+    assert {k: tuple(v.shape) for k, v in ckpt["model_state_dict"].items()} == {
+        k: tuple(v.shape) for k, v in reference.items()
+    }
     assert ckpt["config"]["d_model"] == 32 and ckpt["config"]["max_iters"] == 8
     assert json.loads((work / "full" / "config.json").read_text()) == ckpt["config"]
     # the weights load into a fresh model and reproduce the last validation loss on the same batch
@@ -166,11 +243,13 @@ def test_checkpoint_contents(full, work):
 
 # --- resume ---------------------------------------------------------------------------------------
 
+
 def test_resume_is_bit_exact(full, halves, work):
-    assert train_losses(halves["dir"]) == train_losses(work / "full")          # every loss, exactly
+    assert train_losses(halves["dir"]) == train_losses(work / "full")  # every loss, exactly
     a = load(work / "full" / "checkpoint_8.pt")
     b = load(halves["dir"] / "checkpoint_8.pt")
-    for k, v in a["model_state_dict"].items(): assert torch.equal(v, b["model_state_dict"][k]), k
+    for k, v in a["model_state_dict"].items():
+        assert torch.equal(v, b["model_state_dict"][k]), k
     for i, state in a["optimizer_state_dict"]["state"].items():
         for key, value in state.items():
             other = b["optimizer_state_dict"]["state"][i][key]
@@ -182,36 +261,40 @@ def test_resume_is_bit_exact(full, halves, work):
 def test_resume_auto_and_pruning(halves):
     out = halves["dir"]
     assert halves["after_first"] == ["checkpoint_4.pt"]
-    assert sorted(p.name for p in out.glob("checkpoint_*")) == ["checkpoint_8.pt"]      # keep_last 1 pruned 4
+    assert sorted(p.name for p in out.glob("checkpoint_*")) == ["checkpoint_8.pt"]  # keep_last 1 pruned 4
     assert f"Resumed from {out / 'checkpoint_4.pt'} at iteration 4" in halves["second"].stdout
     iters = [l for l in halves["second"].stdout.splitlines() if l.startswith("iter ")]
     assert iters[0].startswith("iter      4 ")
-    rows = metrics(out)                      # appended: the first half's lines, then the resumed ones
-    assert [(r["type"], r["step"]) for r in rows] == [("train", s) for s in range(4)] + [("eval", 4)] + \
-        [("train", s) for s in range(4, 8)] + [("eval", 8)]
+    rows = metrics(out)  # appended: the first half's lines, then the resumed ones
+    assert [(r["type"], r["step"]) for r in rows] == [("train", s) for s in range(4)] + [("eval", 4)] + [
+        ("train", s) for s in range(4, 8)
+    ] + [("eval", 8)]
     assert rows[:5] == halves["first_metrics"]
-    assert rows[5]["time_s"] > rows[4]["time_s"]                              # wall clock continues
-    assert json.loads((out / "config.json").read_text())["max_iters"] == 8   # the resolved config of the resumed run
+    assert rows[5]["time_s"] > rows[4]["time_s"]  # wall clock continues
+    assert json.loads((out / "config.json").read_text())["max_iters"] == 8  # the resolved config of the resumed run
 
 
 def _wandb_history(run_dir: Path) -> tuple[dict, list[dict], dict]:
-    "The run record, history rows and config of one offline W&B run, read back by W&B's own reader."
-    proc = subprocess.run(["wandb", "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True, timeout=120)
+    """The run record, history rows and config of one offline W&B run, read back by W&B's own reader."""
+    proc = subprocess.run(
+        ["wandb", "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     run = next(r["run"] for r in records if r["type"] == "run")
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
     config = {}
     for r in records:
-        if r["type"] == "config": config.update(r["config"].get("update", {}))
+        if r["type"] == "config":
+            config.update(r["config"].get("update", {}))
     return run, history, config
 
 
 def test_wandb_offline_metrics(halves):
     runs = sorted((halves["dir"] / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2                                                     # the first half and the resumed one
+    assert len(runs) == 2  # the first half and the resumed one
     (run1, hist1, config1), (run2, hist2, config2) = _wandb_history(runs[0]), _wandb_history(runs[1])
-    assert run1["run_id"] == run2["run_id"]                                   # the resumed run continues the same run
+    assert run1["run_id"] == run2["run_id"]  # the resumed run continues the same run
     assert run1["project"] == "cs336-transformer" and run1.get("display_name", "tiny") == "tiny"
     assert run1["tags"] == ["a", "b"]
     assert config1["d_model"] == 32 and config1["batch_size"] == 4 and config1["max_iters"] == 4
@@ -240,23 +323,37 @@ def test_wandb_offline_metrics(halves):
 
 # --- faults ---------------------------------------------------------------------------------------
 
+
 def test_sigterm_saves_and_exits(work):
     out = work / "sigterm"
-    args = flags(train_data=work / "train.npy", val_data=work / "val.npy", **MODEL,
-                 **{**RUN, "cosine_cycle_iters": 100_000, "checkpoint_interval": 100_000, "eval_interval": 100_000},
-                 max_iters=100_000, checkpoint_dir=out)
+    args = flags(
+        train_data=work / "train.npy",
+        val_data=work / "val.npy",
+        **MODEL,
+        **{**RUN, "cosine_cycle_iters": 100_000, "checkpoint_interval": 100_000, "eval_interval": 100_000},
+        max_iters=100_000,
+        checkpoint_dir=out,
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "cs336_nb.train", *args], cwd=work, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cs336_nb.train", *args],
+        cwd=work,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     seen, deadline = [], time.time() + 240
     try:
-        for line in proc.stdout:                           # wait until training is under way
+        for line in proc.stdout:  # wait until training is under way
             seen.append(line)
-            if line.startswith("iter      3 ") or time.time() > deadline: break
+            if line.startswith("iter      3 ") or time.time() > deadline:
+                break
         proc.send_signal(signal.SIGTERM)
         rest, err = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None: proc.kill()
+        if proc.poll() is None:
+            proc.kill()
     stdout = "".join(seen) + rest
     assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, stdout[-2000:], err[-2000:])
     assert "Traceback" not in err
@@ -266,7 +363,7 @@ def test_sigterm_saves_and_exits(work):
     assert step >= 4 and saved[0].name == f"checkpoint_{step}.pt"
     assert f"[CHECKPOINT] Saved to {saved[0]}" in stdout
     assert f"Stopped by SIGTERM at iteration {step}: continue with --resume auto" in stdout
-    assert max(train_losses(out)) == step - 1                                # the last step was logged too
+    assert max(train_losses(out)) == step - 1  # the last step was logged too
 
 
 def test_nan_loss_stops_without_saving(work):
@@ -274,19 +371,30 @@ def test_nan_loss_stops_without_saving(work):
     loss of the next step are not finite. Checkpoints come every step: the test sees that the run stops
     with one line, and that every checkpoint it left holds finite weights."""
     out = work / "nan"
-    proc = train_cli(flags(train_data=work / "train.npy", val_data=work / "val.npy", **MODEL,
-                           **{**RUN, "max_lr": 1e30, "min_lr": 1e30, "checkpoint_interval": 1, "eval_interval": 100},
-                           max_iters=20, keep_last=0, checkpoint_dir=out), cwd=work)
+    proc = train_cli(
+        flags(
+            train_data=work / "train.npy",
+            val_data=work / "val.npy",
+            **MODEL,
+            **{**RUN, "max_lr": 1e30, "min_lr": 1e30, "checkpoint_interval": 1, "eval_interval": 100},
+            max_iters=20,
+            keep_last=0,
+            checkpoint_dir=out,
+        ),
+        cwd=work,
+    )
     assert proc.returncode == 1, (proc.stdout[-2000:], proc.stderr[-2000:])
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    found = re.search(r"(loss is (nan|inf|-inf) at|weights are not finite after) iter (\d+): stopping without saving", err[0])
+    found = re.search(
+        r"(loss is (nan|inf|-inf) at|weights are not finite after) iter (\d+): stopping without saving", err[0]
+    )
     assert found, err[0]
     bad = int(found.group(3))
     losses = train_losses(out)
-    assert all(math.isfinite(v) for v in losses.values()) and max(losses) < bad      # only good steps recorded
+    assert all(math.isfinite(v) for v in losses.values()) and max(losses) < bad  # only good steps recorded
     saved = {int(p.stem.split("_")[1]): p for p in out.glob("checkpoint_*.pt")}
-    assert max(saved) == bad - 1                                             # the step before is the last saved
+    assert max(saved) == bad - 1  # the step before is the last saved
     assert f"the last good checkpoint is {saved[bad - 1]}" in err[0]
     for p in saved.values():
         assert all(torch.isfinite(v).all() for v in load(p)["model_state_dict"].values()), p
@@ -294,13 +402,14 @@ def test_nan_loss_stops_without_saving(work):
 
 # --- bad input ------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def bad_files(work) -> Path:
     d = work / "bad"
     d.mkdir()
     np.save(d / "floats.npy", np.random.default_rng(0).random(1000).astype(np.float32))
-    np.save(d / "big_ids.npy", np.arange(1000, dtype=np.uint16))              # ids up to 999 >= vocab 64
-    np.save(d / "short.npy", np.arange(10, dtype=np.uint16))                  # 10 tokens < context 16 + 1
+    np.save(d / "big_ids.npy", np.arange(1000, dtype=np.uint16))  # ids up to 999 >= vocab 64
+    np.save(d / "short.npy", np.arange(10, dtype=np.uint16))  # 10 tokens < context 16 + 1
     (d / "bad.json").write_text('{"batch_size": 4,, }')
     (d / "typo.json").write_text(json.dumps({"batch_sise": 4}))
     (d / "corrupt.pt").write_bytes(b"this is not a checkpoint")
@@ -309,8 +418,14 @@ def bad_files(work) -> Path:
 
 
 def _base(work, **over) -> list[str]:
-    kw = dict(train_data=work / "train.npy", val_data=work / "val.npy", **MODEL, **RUN, max_iters=8,
-              checkpoint_dir=work / "bad_out")
+    kw = dict(
+        train_data=work / "train.npy",
+        val_data=work / "val.npy",
+        **MODEL,
+        **RUN,
+        max_iters=8,
+        checkpoint_dir=work / "bad_out",
+    )
     kw.update(over)
     return flags(**{k: v for k, v in kw.items() if v is not None})
 
@@ -347,8 +462,9 @@ def test_bad_input_one_line_exit_2(case, work, bad_files, full, capsys):
     assert words in err[0], err[0]
 
 
-@pytest.mark.parametrize("content, words", [('{"batch_size": 4,, }', "not valid JSON"),
-                                             ('{"batch_sise": 4}', "did you mean 'batch_size'")])
+@pytest.mark.parametrize(
+    "content, words", [('{"batch_size": 4,, }', "not valid JSON"), ('{"batch_sise": 4}', "did you mean 'batch_size'")]
+)
 def test_bad_config_file(content, words, tmp_path, capsys):
     (tmp_path / "c.json").write_text(content)
     with pytest.raises(SystemExit) as exit:
@@ -365,13 +481,19 @@ def test_bad_input_from_the_real_command_line(tmp_path):
     assert proc.stderr == f"error: unknown key 'batch_sise' in {tmp_path / 'c.json'} (did you mean 'batch_size'?)\n"
 
 
-@pytest.mark.parametrize("env, words", [
-    (dict(RANK="0", WORLD_SIZE="2"), "MASTER_ADDR, MASTER_PORT not set"),
-    (dict(RANK="0", WORLD_SIZE="3", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999"),
-     "grad_accum_steps 2 is not divisible by the world size 3"),
-])
+@pytest.mark.parametrize(
+    "env, words",
+    [
+        (dict(RANK="0", WORLD_SIZE="2"), "MASTER_ADDR, MASTER_PORT not set"),
+        (
+            dict(RANK="0", WORLD_SIZE="3", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999"),
+            "grad_accum_steps 2 is not divisible by the world size 3",
+        ),
+    ],
+)
 def test_bad_distributed_setup(env, words, work, monkeypatch, capsys):
-    for k, v in env.items(): monkeypatch.setenv(k, v)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
     with pytest.raises(SystemExit) as exit:
         main(_base(work, grad_accum_steps=2, checkpoint_dir=work / "dist_bad"))
     assert exit.value.code == 2
@@ -379,12 +501,23 @@ def test_bad_distributed_setup(env, words, work, monkeypatch, capsys):
     assert len(err) == 1 and words in err[0], err
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json")), ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json")), ids=lambda p: p.stem
+)
 def test_shipped_configs_are_valid(path):
     from cs336_nb.train import config_from_dict, load_config_file, validate_config
+
     cfg = config_from_dict(load_config_file(path), source=str(path))
     validate_config(cfg)
     assert cfg.train_data.startswith("data/tokenized/") and cfg.val_data.startswith("data/tokenized/")
     if path.stem == "gpt2_124M":
-        assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.d_ff, cfg.context_length, cfg.vocab_size) == (12, 768, 12, 3072, 1024, 50257)
-        for world_size in (1, 2, 4, 8): validate_config(cfg, world_size)        # torchrun on up to 8 GPUs
+        assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.d_ff, cfg.context_length, cfg.vocab_size) == (
+            12,
+            768,
+            12,
+            3072,
+            1024,
+            50257,
+        )
+        for world_size in (1, 2, 4, 8):
+            validate_config(cfg, world_size)  # torchrun on up to 8 GPUs

@@ -4,6 +4,7 @@ writes; a 2-process run resumes under torchrun, and at another world size (1 pro
 
 torchrun starts are slow on 2 cores, so there are two of them, shared by all checks.
 """
+
 import json
 import os
 import shutil
@@ -17,24 +18,67 @@ import pytest
 import torch
 
 VOCAB = 64
-SETTINGS = dict(vocab_size=VOCAB, context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=64, batch_size=4,
-                grad_accum_steps=2, warmup_iters=2, cosine_cycle_iters=6, max_lr=3e-3, min_lr=3e-4, log_interval=1,
-                eval_interval=2, eval_iters=3, checkpoint_interval=2, keep_last=0, device="cpu", seed=5)
+SETTINGS = dict(
+    vocab_size=VOCAB,
+    context_length=16,
+    d_model=32,
+    num_layers=2,
+    num_heads=4,
+    d_ff=64,
+    batch_size=4,
+    grad_accum_steps=2,
+    warmup_iters=2,
+    cosine_cycle_iters=6,
+    max_lr=3e-3,
+    min_lr=3e-4,
+    log_interval=1,
+    eval_interval=2,
+    eval_iters=3,
+    checkpoint_interval=2,
+    keep_last=0,
+    device="cpu",
+    seed=5,
+)
 
 
 def _env() -> dict:
-    return {"WANDB_MODE": "offline", **os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    return {
+        "WANDB_MODE": "offline",
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONFAULTHANDLER": "1",
+    }
 
 
 def run(args: list[str], cwd: Path, nproc: int = 1) -> subprocess.CompletedProcess:
-    "The training CLI, alone or under `torchrun --standalone --nproc_per_node nproc`."
-    launcher = [sys.executable, "-m", "cs336_nb.train"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "cs336_nb.train"]
+    """The training CLI, alone or under `torchrun --standalone --nproc_per_node nproc`."""
+    launcher = (
+        [sys.executable, "-m", "cs336_nb.train"]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "cs336_nb.train",
+        ]
+    )
     # a session of its own: on a hang, SIGABRT reaches torchrun and every worker, and faulthandler prints
     # where each one stood; nothing is left running
-    proc = subprocess.Popen(launcher + args, cwd=cwd, env=_env(), text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    try: out, err = proc.communicate(timeout=300)
+    proc = subprocess.Popen(
+        launcher + args,
+        cwd=cwd,
+        env=_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGABRT)
         out, err = proc.communicate()
@@ -65,21 +109,28 @@ def runs(tmp_path_factory) -> dict:
     rng = np.random.default_rng(1)
     np.save(d / "train.npy", rng.integers(0, VOCAB, 20_000).astype(np.uint16))
     np.save(d / "val.npy", rng.integers(0, VOCAB, 4_000).astype(np.uint16))
-    (d / "config.json").write_text(json.dumps({**SETTINGS, "train_data": str(d / "train.npy"), "val_data": str(d / "val.npy")}))
+    (d / "config.json").write_text(
+        json.dumps({**SETTINGS, "train_data": str(d / "train.npy"), "val_data": str(d / "val.npy")})
+    )
     base = ["--config", str(d / "config.json")]
     out = {"dir": d}
     out["single"] = run(base + ["--max-iters", "6", "--checkpoint-dir", str(d / "single")], d)
     out["ddp"] = run(base + ["--max-iters", "4", "--checkpoint-dir", str(d / "ddp")], d, nproc=2)
     out["ddp_files"] = sorted(p.name for p in (d / "ddp").iterdir())
     shutil.copytree(d / "ddp", d / "ddp_to_single")
-    out["resumed"] = run(base + ["--max-iters", "6", "--checkpoint-dir", str(d / "ddp"), "--resume", "auto"], d, nproc=2)
-    out["to_single"] = run(base + ["--max-iters", "6", "--checkpoint-dir", str(d / "ddp_to_single"), "--resume", "auto"], d)
+    out["resumed"] = run(
+        base + ["--max-iters", "6", "--checkpoint-dir", str(d / "ddp"), "--resume", "auto"], d, nproc=2
+    )
+    out["to_single"] = run(
+        base + ["--max-iters", "6", "--checkpoint-dir", str(d / "ddp_to_single"), "--resume", "auto"], d
+    )
     return out
 
 
 def _close(a: dict[int, float], b: dict[int, float]):
     assert a.keys() == b.keys()
-    for k in a: assert abs(a[k] - b[k]) <= 1e-5, (k, a[k], b[k])
+    for k in a:
+        assert abs(a[k] - b[k]) <= 1e-5, (k, a[k], b[k])
 
 
 def test_two_processes_equal_grad_accumulation(runs):
@@ -98,18 +149,19 @@ def test_only_rank_zero_prints_and_writes(runs):
     assert out.count("[CHECKPOINT] Saved") == 2 and out.count("[EVAL]") == 2
     assert runs["ddp_files"] == ["checkpoint_2.pt", "checkpoint_4.pt", "config.json", "metrics.jsonl"]
     steps = [(r["type"], r["step"]) for r in metrics(runs["dir"] / "ddp")]
-    assert len(steps) == len(set(steps))                                      # no line written twice
-    for proc in (runs["ddp"], runs["resumed"]):                               # the process group was destroyed
+    assert len(steps) == len(set(steps))  # no line written twice
+    for proc in (runs["ddp"], runs["resumed"]):  # the process group was destroyed
         assert "destroy_process_group" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_resume_two_processes_and_at_another_world_size(runs):
     d = runs["dir"]
     single = losses(d / "single")
-    _close(losses(d / "ddp"), single)                                         # 2 procs: 0-3, then resumed 4-5
-    _close(losses(d / "ddp_to_single"), single)                               # 2 procs, then 1 proc with K=2
+    _close(losses(d / "ddp"), single)  # 2 procs: 0-3, then resumed 4-5
+    _close(losses(d / "ddp_to_single"), single)  # 2 procs, then 1 proc with K=2
     _close(val_losses(d / "ddp"), val_losses(d / "single"))
     assert "Resumed from" in runs["resumed"].stdout and "iter      4 " in runs["resumed"].stdout
     ref = weights(d / "single" / "checkpoint_6.pt")
     for other in (d / "ddp" / "checkpoint_6.pt", d / "ddp_to_single" / "checkpoint_6.pt"):
-        for k, v in weights(other).items(): torch.testing.assert_close(v, ref[k], atol=1e-5, rtol=1e-5)
+        for k, v in weights(other).items():
+            torch.testing.assert_close(v, ref[k], atol=1e-5, rtol=1e-5)
