@@ -9,6 +9,8 @@ __all__ = ['GPT2_PATTERN', 'bytes_to_unicode', 'train_bpe', 'Tokenizer']
 import heapq
 import json
 import os
+import re
+import signal
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -53,24 +55,44 @@ def _count_pretokens(text: str, special_tokens) -> Counter:
     return counts
 
 # %% ../nbs/06_tokenizer.ipynb #ce381f40
-def _chunk_boundaries(path, n_chunks: int, split_token: bytes, limit: int) -> list[int]:
-    """Byte offsets cutting the file's first `limit` bytes into at most `n_chunks` pieces, each cut just before `split_token`."""
-    bounds = [limit * i // n_chunks for i in range(n_chunks + 1)]
+_WORD_END = re.compile(rb"[\x21-\x7e](?=[\t\n\x0b\x0c\r ])")  # printable ASCII, then ASCII whitespace
+
+
+def _next_cut(f, pos: int, limit: int, special_tokens: list[bytes], window: int = 1 << 16) -> int:
+    """The first byte offset >= `pos` of open file `f` where a cut leaves every pre-token whole, else `limit`."""
+    back = max((len(s) for s in special_tokens), default=1)
+    window = max(window, 4 * back)
+    while pos < limit:
+        start = max(0, pos - back)  # look back: a special token may straddle `pos`
+        f.seek(start)
+        raw = f.read(min(limit, pos + window) - start)
+        specials = [
+            (start + m.start(), start + m.end()) for s in special_tokens for m in re.finditer(re.escape(s), raw)
+        ]
+        cuts = [a for a, _ in specials if a >= pos]
+        for m in _WORD_END.finditer(raw, pos - start):
+            c = start + m.end()
+            if not any(a < c < b for a, b in specials):
+                cuts.append(c)
+                break
+        if cuts:
+            return min(min(cuts), limit)
+        if start + len(raw) >= limit or not raw:
+            break
+        pos = start + len(raw) - back  # overlap the next window by a special token's length
+    return limit
+
+
+def _chunk_boundaries(path, n_chunks: int, special_tokens: list[str], limit: int) -> list[int]:
+    """Byte offsets cutting the file's first `limit` bytes into at most `n_chunks` pieces at safe places."""
+    specials = [s.encode("utf-8") for s in special_tokens]
+    bounds = [0]
     with open(path, "rb") as f:
         for i in range(1, n_chunks):
-            pos = bounds[i]
-            while True:  # move the guess forward to the next special token
-                f.seek(pos)
-                block = f.read(1 << 16)
-                if not block or pos >= limit:
-                    bounds[i] = limit
-                    break
-                j = block.find(split_token)
-                if j >= 0:
-                    bounds[i] = min(pos + j, limit)
-                    break
-                pos += len(block) - len(split_token) + 1  # overlap: find a token that straddles two blocks
-    return sorted(set(bounds))
+            guess = limit * i // n_chunks
+            if guess > bounds[-1]:
+                bounds.append(_next_cut(f, guess, limit, specials))
+    return sorted(set(bounds + [limit]))
 
 
 def _count_chunk(args) -> Counter:
@@ -82,20 +104,32 @@ def _count_chunk(args) -> Counter:
     return _count_pretokens(text, special_tokens)
 
 
+def _ignore_sigint() -> None:
+    """Pool workers leave Ctrl-C to the parent, which stops them (one message, not one per worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _pretoken_counts(
-    input_path, special_tokens, max_bytes=None, num_processes=None, min_parallel_bytes: int = 4 << 20
+    input_path,
+    special_tokens,
+    max_bytes=None,
+    num_processes=None,
+    chunk_bytes: int = 32 << 20,
+    min_parallel_bytes: int = 4 << 20,
 ) -> Counter:
-    """Pre-token counts of a file's first `max_bytes` bytes, counted by a pool of processes when it pays."""
+    """Pre-token counts of a file's first `max_bytes` bytes, counted chunk by chunk, by a pool of processes when it pays."""
     size = os.path.getsize(input_path)
     limit = size if max_bytes is None else min(size, max_bytes)
-    workers = num_processes or os.cpu_count() or 1
-    if workers == 1 or limit < min_parallel_bytes or not special_tokens:
-        return _count_chunk((input_path, 0, limit, special_tokens))
-    n_chunks = max(workers, limit // (32 << 20))
-    bounds = _chunk_boundaries(input_path, n_chunks, special_tokens[0].encode("utf-8"), limit)
+    workers = 1 if limit < min_parallel_bytes else num_processes or os.cpu_count() or 1
+    bounds = _chunk_boundaries(input_path, max(workers, -(-limit // chunk_bytes)), special_tokens, limit)
     jobs = [(input_path, a, b, special_tokens) for a, b in zip(bounds[:-1], bounds[1:])]
     total = Counter()
-    with get_context("fork" if os.name == "posix" else "spawn").Pool(workers) as pool:
+    if workers == 1 or len(jobs) == 1:
+        for job in jobs:
+            total.update(_count_chunk(job))
+        return total
+    ctx = get_context("fork" if os.name == "posix" else "spawn")
+    with ctx.Pool(min(workers, len(jobs)), initializer=_ignore_sigint) as pool:
         for counts in pool.imap_unordered(_count_chunk, jobs):
             total.update(counts)
     return total
@@ -104,6 +138,56 @@ def _pretoken_counts(
 def _desc_key(token: bytes) -> tuple:
     """A key sorting byte strings in descending lexicographic order (the terminator puts a prefix after its extensions)."""
     return tuple(255 - b for b in token) + (256,)
+
+# %% ../nbs/06_tokenizer.ipynb #ef7e47cc
+def _merge_pair(ids: list[int], a: int, b: int, new_id: int) -> list[int]:
+    """`ids` with every adjacent (a, b) replaced by `new_id`, left to right."""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and ids[i] == a and ids[i + 1] == b:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+# %% ../nbs/06_tokenizer.ipynb #5419e40a
+def _index_pairs(words: list[list[int]], freqs: list[int]) -> tuple[dict, dict]:
+    """Count every adjacent pair (weighted by word frequency) and list the words holding each pair."""
+    pair_counts: dict[tuple[int, int], int] = {}
+    pair_words: dict[tuple[int, int], set[int]] = {}  # pair -> words that (may still) contain it
+    for wi, word in enumerate(words):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] = pair_counts.get(pair, 0) + freqs[wi]
+            pair_words.setdefault(pair, set()).add(wi)
+    return pair_counts, pair_words
+
+
+def _apply_merge(words, freqs, pair_counts, pair_words, pair, new_id) -> dict[tuple[int, int], int]:
+    """Merge `pair` into `new_id` in every word holding it; update the index; return the change of each pair count."""
+    delta: dict[tuple[int, int], int] = {}
+    for wi in pair_words.pop(pair):
+        word = words[wi]
+        merged = _merge_pair(word, *pair, new_id)
+        if len(merged) == len(word):
+            continue  # stale index entry: the pair left this word earlier
+        n = freqs[wi]
+        for p in zip(word, word[1:]):
+            delta[p] = delta.get(p, 0) - n
+        for p in zip(merged, merged[1:]):
+            delta[p] = delta.get(p, 0) + n
+            if new_id in p:
+                pair_words.setdefault(p, set()).add(wi)
+        words[wi] = merged
+    for p, d in delta.items():
+        if d != 0:
+            c = pair_counts.get(p, 0) + d
+            if c > 0:
+                pair_counts[p] = c
+            else:
+                pair_counts.pop(p, None)
+    return {p: d for p, d in delta.items() if d != 0}
 
 # %% ../nbs/06_tokenizer.ipynb #23684c7d
 def train_bpe(
@@ -125,12 +209,7 @@ def train_bpe(
     vocab = {i: bytes([i]) for i in range(256)}
     words = [list(w.encode("utf-8")) for w in counts]  # each distinct pre-token as a list of token ids
     freqs = list(counts.values())
-    pair_counts: dict[tuple[int, int], int] = {}
-    pair_words: dict[tuple[int, int], set[int]] = {}  # pair -> words that (may still) contain it
-    for wi, word in enumerate(words):
-        for pair in zip(word, word[1:]):
-            pair_counts[pair] = pair_counts.get(pair, 0) + freqs[wi]
-            pair_words.setdefault(pair, set()).add(wi)
+    pair_counts, pair_words = _index_pairs(words, freqs)
     keys = [_desc_key(vocab[i]) for i in range(256)]
     heap = [(-n, keys[a], keys[b], (a, b)) for (a, b), n in pair_counts.items()]  # max count, then greater bytes
     heapq.heapify(heap)
@@ -144,42 +223,24 @@ def train_bpe(
         vocab[new_id] = vocab[a] + vocab[b]
         keys.append(_desc_key(vocab[new_id]))
         merges.append((vocab[a], vocab[b]))
-        delta: dict[tuple[int, int], int] = {}
-        for wi in pair_words.pop(pair):
-            word, merged, i = words[wi], [], 0
-            while i < len(word):  # replace every (a, b), left to right
-                if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
-                    merged.append(new_id)
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            if len(merged) == len(word):
-                continue  # stale index entry: the pair left this word earlier
-            n = freqs[wi]
-            for p in zip(word, word[1:]):
-                delta[p] = delta.get(p, 0) - n
-            for p in zip(merged, merged[1:]):
-                delta[p] = delta.get(p, 0) + n
-                if new_id in p:
-                    pair_words.setdefault(p, set()).add(wi)
-            words[wi] = merged
-        for p, d in delta.items():
-            if d == 0:
-                continue
-            c = pair_counts.get(p, 0) + d
-            if c > 0:
-                pair_counts[p] = c
-                heapq.heappush(heap, (-c, keys[p[0]], keys[p[1]], p))
-            else:
-                pair_counts.pop(p, None)
+        for p in _apply_merge(words, freqs, pair_counts, pair_words, pair, new_id):
+            if p in pair_counts:
+                heapq.heappush(heap, (-pair_counts[p], keys[p[0]], keys[p[1]], p))
     for s in special_tokens:
         vocab[len(vocab)] = s.encode("utf-8")  # special tokens take the last ids
     return vocab, merges
 
-# %% ../nbs/06_tokenizer.ipynb #7903110d
-_LAST_BOUNDARY = regex.compile(r"(?r)\S(?=\s)")  # searched backwards: the last non-space before a space
+# %% ../nbs/06_tokenizer.ipynb #31b0f363
+def _bpe_merge(ids: list[int], ranks: dict[tuple[int, int], tuple[int, int]]) -> list[int]:
+    """Merge one pre-token's ids, the pair of lowest merge rank first, until no adjacent pair is a merge."""
+    while len(ids) > 1:
+        (rank, new_id), i = min((ranks.get(p, (float("inf"), -1)), i) for i, p in enumerate(zip(ids, ids[1:])))
+        if new_id < 0:
+            break  # no adjacent pair is a merge
+        ids = _merge_pair(ids, ids[i], ids[i + 1], new_id)
+    return ids
 
+# %% ../nbs/06_tokenizer.ipynb #7903110d
 _tiktoken_warned: set[str] = set()
 
 
@@ -211,30 +272,99 @@ def _tiktoken_problem(vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]]
         return "some multi-byte tokens are not made by any merge"
     return None
 
+
+def _tiktoken_encoding(vocab: dict[int, bytes], merges, special_to_id: dict[str, int], backend: str):
+    """A tiktoken Encoding whose ranks are our ids, or None for the Python encoder (see `backend`)."""
+    if backend == "python":
+        return None
+    problem = _tiktoken_problem(vocab, merges, set(special_to_id.values()))
+    if problem is not None:
+        if backend == "tiktoken":
+            raise ValueError(f"tiktoken can not reproduce these merges ({problem}); use backend='python'")
+        if problem not in _tiktoken_warned:
+            _tiktoken_warned.add(problem)
+            warnings.warn(f"Tokenizer: encoding with the slower pure-Python BPE because {problem}", stacklevel=3)
+        return None
+    import tiktoken
+
+    ranks = {t: i for i, t in vocab.items() if i not in special_to_id.values()}
+    return tiktoken.Encoding(
+        name="cs336_nb", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=dict(special_to_id)
+    )
+
+# %% ../nbs/06_tokenizer.ipynb #cb052cd0
+_LAST_BOUNDARY = regex.compile(r"(?r)\S(?=\s)")  # searched backwards: the last non-space before a space
+
+
+def _safe_cut(buf: str, special_tokens: list[str], splitter) -> int:
+    """Length of the longest prefix of `buf` whose tokens can not change when text is appended (0: none yet)."""
+    limit = len(buf) - max((len(s) for s in special_tokens), default=1) + 1  # specials starting before are decided
+    if limit <= 0:
+        return 0
+    m = _LAST_BOUNDARY.search(buf, 0, limit + 1)
+    cut = m.end() if m else 0  # between a non-space and a space: always a pre-token boundary
+    if splitter is not None:
+        for s in splitter.finditer(buf, 0, len(buf)):
+            if s.start() >= limit:
+                break
+            if s.start() < cut < s.end() or s.start() >= cut:
+                cut = s.start()  # never inside; a special's start is a boundary
+    return cut
+
+# %% ../nbs/06_tokenizer.ipynb #cccaec71
+def _read_gpt2_files(vocab_filepath, merges_filepath) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+    """Read GPT-2-format `vocab.json` ({token: id}) and `merges.txt` ("a b" per line) into bytes."""
+    decoder = {c: b for b, c in bytes_to_unicode().items()}
+    unmap = lambda s: bytes(decoder[c] for c in s)
+    with open(vocab_filepath, encoding="utf-8") as f:
+        vocab = {i: unmap(s) for s, i in json.load(f).items()}
+    merges = []
+    with open(merges_filepath, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if not line or line.startswith("#version"):
+                continue
+            a, b = line.split(" ")
+            merges.append((unmap(a), unmap(b)))
+    return vocab, merges
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write a UTF-8 file under a temporary name, then rename it into place."""
+    part = path.with_name(path.name + ".partial")
+    part.write_text(text, encoding="utf-8")
+    part.replace(path)
+
+
+def _write_gpt2_files(directory: Path, vocab: dict[int, bytes], merges, special_tokens: list[str]) -> None:
+    """Write `vocab.json`, `merges.txt` (GPT-2's format) and `special_tokens.json` into `directory`."""
+    if len(set(vocab.values())) != len(vocab):
+        raise ValueError(
+            "can not save: the vocabulary holds the same bytes under two ids (vocab.json maps bytes to one id)"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    spell = bytes_to_unicode()
+    remap = lambda t: "".join(spell[b] for b in t)
+    vocab_json = {remap(t): i for i, t in sorted(vocab.items())}
+    _write_text(directory / "vocab.json", json.dumps(vocab_json, ensure_ascii=False, indent=0) + "\n")
+    _write_text(directory / "merges.txt", "#version: 0.2\n" + "".join(f"{remap(a)} {remap(b)}\n" for a, b in merges))
+    _write_text(directory / "special_tokens.json", json.dumps(special_tokens, ensure_ascii=False) + "\n")
+
 # %% ../nbs/06_tokenizer.ipynb #45cb762e
 class Tokenizer:
     """Byte-level BPE tokenizer: text to token ids and back."""
 
-    def __init__(
-        self,
-        vocab: dict[int, bytes],
-        merges: list[tuple[bytes, bytes]],
-        special_tokens: list[str] | None = None,
-        backend: str = "auto",
-    ):
+    def __init__(self, vocab: dict[int, bytes], merges, special_tokens: list[str] | None = None, backend="auto"):
         if backend not in ("auto", "python", "tiktoken"):
             raise ValueError(f"backend must be 'auto', 'python' or 'tiktoken', not {backend!r}")
-        self.vocab = dict(vocab)
-        self.merges = list(merges)
+        self.vocab, self.merges = dict(vocab), list(merges)
         self.special_tokens = list(dict.fromkeys(special_tokens or []))
-        self.token_to_id: dict[bytes, int] = {}
-        for i, t in sorted(self.vocab.items(), reverse=True):
-            self.token_to_id[t] = i  # duplicates: lowest id wins
-        for s in self.special_tokens:  # a special token missing from the vocabulary gets the next id
-            if s.encode("utf-8") not in self.token_to_id:
+        self.token_to_id = {t: i for i, t in sorted(self.vocab.items(), reverse=True)}  # duplicates: lowest id wins
+        for s in self.special_tokens:
+            b = s.encode("utf-8")
+            if b not in self.token_to_id:  # a special token missing from the vocabulary gets the next id
                 new_id = max(self.vocab, default=-1) + 1
-                self.vocab[new_id] = s.encode("utf-8")
-                self.token_to_id[s.encode("utf-8")] = new_id
+                self.vocab[new_id], self.token_to_id[b] = b, new_id
         self.special_to_id = {s: self.token_to_id[s.encode("utf-8")] for s in self.special_tokens}
         self._ranks: dict[tuple[int, int], tuple[int, int]] = {}  # (id_a, id_b) -> (merge rank, merged id)
         for rank, (a, b) in enumerate(self.merges):
@@ -243,66 +373,13 @@ class Tokenizer:
             self._ranks.setdefault((self.token_to_id[a], self.token_to_id[b]), (rank, self.token_to_id[a + b]))
         self._splitter = _special_splitter(self.special_tokens)
         self._cache: dict[str, list[int]] = {}
-        self._tiktoken, self.backend = None, "python"
-        if backend != "python":
-            problem = _tiktoken_problem(self.vocab, self.merges, set(self.special_to_id.values()))
-            if problem is None:
-                self._tiktoken, self.backend = self._build_tiktoken(), "tiktoken"
-            elif backend == "tiktoken":
-                raise ValueError(f"tiktoken can not reproduce these merges ({problem}); use backend='python'")
-            elif problem not in _tiktoken_warned:
-                _tiktoken_warned.add(problem)
-                warnings.warn(f"Tokenizer: encoding with the slower pure-Python BPE because {problem}")
-
-    def _build_tiktoken(self):
-        """A tiktoken Encoding whose ranks are our ids (merge r has id 256 + r)."""
-        import tiktoken
-
-        ranks = {t: i for i, t in self.vocab.items() if i not in self.special_to_id.values()}
-        return tiktoken.Encoding(
-            name="cs336_nb", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=dict(self.special_to_id)
-        )
+        self._tiktoken = _tiktoken_encoding(self.vocab, self.merges, self.special_to_id, backend)
+        self.backend = "python" if self._tiktoken is None else "tiktoken"
 
     @classmethod
-    def from_files(
-        cls, vocab_filepath, merges_filepath, special_tokens: list[str] | None = None, backend: str = "auto"
-    ) -> "Tokenizer":
-        """Load GPT-2-format files: `vocab.json` ({token: id}) and `merges.txt` ("a b" per line), bytes spelled by `bytes_to_unicode`."""
-        decoder = {c: b for b, c in bytes_to_unicode().items()}
-        unmap = lambda s: bytes(decoder[c] for c in s)
-        with open(vocab_filepath, encoding="utf-8") as f:
-            vocab = {i: unmap(s) for s, i in json.load(f).items()}
-        merges = []
-        with open(merges_filepath, encoding="utf-8") as f:
-            for line in f:
-                line = line.rstrip("\n")
-                if not line or line.startswith("#version"):
-                    continue
-                a, b = line.split(" ")
-                merges.append((unmap(a), unmap(b)))
-        return cls(vocab, merges, special_tokens, backend=backend)
-
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write `vocab.json` and `merges.txt` (GPT-2's format) and `special_tokens.json` into `directory`."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        if len(set(self.vocab.values())) != len(self.vocab):
-            raise ValueError(
-                "can not save: the vocabulary holds the same bytes under two ids (vocab.json maps bytes to one id)"
-            )
-        spell = bytes_to_unicode()
-        remap = lambda t: "".join(spell[b] for b in t)
-        vocab_json = {remap(t): i for i, t in sorted(self.vocab.items())}
-        (directory / "vocab.json").write_text(
-            json.dumps(vocab_json, ensure_ascii=False, indent=0) + "\n", encoding="utf-8"
-        )
-        (directory / "merges.txt").write_text(
-            "#version: 0.2\n" + "".join(f"{remap(a)} {remap(b)}\n" for a, b in self.merges), encoding="utf-8"
-        )
-        (directory / "special_tokens.json").write_text(
-            json.dumps(self.special_tokens, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
-        return directory
+    def from_files(cls, vocab_filepath, merges_filepath, special_tokens=None, backend: str = "auto") -> "Tokenizer":
+        """Load GPT-2-format `vocab.json` and `merges.txt`."""
+        return cls(*_read_gpt2_files(vocab_filepath, merges_filepath), special_tokens, backend=backend)
 
     @classmethod
     def from_dir(cls, directory: str | os.PathLike, backend: str = "auto") -> "Tokenizer":
@@ -316,53 +393,39 @@ class Tokenizer:
         specials = json.loads((directory / "special_tokens.json").read_text(encoding="utf-8"))
         return cls.from_files(directory / "vocab.json", directory / "merges.txt", specials, backend=backend)
 
-    def _bpe(self, pretoken: str) -> list[int]:
-        """Merge one pre-token's bytes, lowest merge rank first (the reference algorithm)."""
-        try:
-            ids = [self.token_to_id[bytes([b])] for b in pretoken.encode("utf-8")]
-        except KeyError as e:
-            raise ValueError(f"can not encode {pretoken!r}: byte {e.args[0]!r} is not in the vocabulary") from None
-        while len(ids) > 1:
-            (rank, new_id), i = min(
-                (self._ranks.get(p, (float("inf"), -1)), i) for i, p in enumerate(zip(ids, ids[1:]))
-            )
-            if new_id < 0:
-                break  # no adjacent pair is a merge
-            pair, out, j = (ids[i], ids[i + 1]), [], 0
-            while j < len(ids):  # merge every occurrence of the pair, left to right
-                if j + 1 < len(ids) and (ids[j], ids[j + 1]) == pair:
-                    out.append(new_id)
-                    j += 2
-                else:
-                    out.append(ids[j])
-                    j += 1
-            ids = out
-        return ids
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write `vocab.json`, `merges.txt` and `special_tokens.json` into `directory`; return it."""
+        _write_gpt2_files(Path(directory), self.vocab, self.merges, self.special_tokens)
+        return Path(directory)
 
     def _segments(self, text: str) -> Iterator[tuple[bool, str]]:
         """Yield (is_special, piece): the text split at special tokens, longest first."""
-        if self._splitter is None:
-            if text:
-                yield False, text
-            return
-        for k, piece in enumerate(self._splitter.split(text)):
+        pieces = [text] if self._splitter is None else self._splitter.split(text)
+        for k, piece in enumerate(pieces):
             if piece:
                 yield k % 2 == 1, piece  # the capture group puts special tokens at odd positions
+
+    def _encode_ordinary(self, piece: str) -> list[int]:
+        """Pure-Python encoding of text without special tokens: pre-tokenise, merge each pre-token (memoised)."""
+        out = []
+        for pre in _PRETOKEN_RE.findall(piece):
+            ids = self._cache.get(pre)
+            if ids is None:
+                if len(self._cache) >= 100_000:
+                    self._cache.clear()  # bound the memo
+                try:
+                    ids = [self.token_to_id[bytes([b])] for b in pre.encode("utf-8")]
+                except KeyError as e:
+                    raise ValueError(f"can not encode {pre!r}: byte {e.args[0]!r} is not in the vocabulary") from None
+                ids = self._cache[pre] = _bpe_merge(ids, self._ranks)
+            out.extend(ids)
+        return out
 
     def encode_reference(self, text: str) -> list[int]:
         """Pure-Python encoding: split out special tokens, pre-tokenise, apply the merges."""
         out = []
         for special, piece in self._segments(text):
-            if special:
-                out.append(self.special_to_id[piece])
-                continue
-            for pre in _PRETOKEN_RE.findall(piece):
-                ids = self._cache.get(pre)
-                if ids is None:
-                    if len(self._cache) >= 100_000:
-                        self._cache.clear()  # bound the memo
-                    ids = self._cache[pre] = self._bpe(pre)
-                out.extend(ids)
+            out += [self.special_to_id[piece]] if special else self._encode_ordinary(piece)
         return out
 
     def encode(self, text: str) -> list[int]:
@@ -371,38 +434,15 @@ class Tokenizer:
             return self.encode_reference(text)
         out = []
         for special, piece in self._segments(text):
-            if special:
-                out.append(self.special_to_id[piece])
-            else:
-                out.extend(self._tiktoken.encode_ordinary(piece))
+            out += [self.special_to_id[piece]] if special else self._tiktoken.encode_ordinary(piece)
         return out
 
-    def _safe_cut(self, buf: str) -> int:
-        """Length of the longest prefix of `buf` whose tokens can not change when text is appended (0: none yet)."""
-        limit = (
-            len(buf) - max((len(s) for s in self.special_tokens), default=1) + 1
-        )  # special tokens starting before are decided
-        if limit <= 0:
-            return 0
-        m = _LAST_BOUNDARY.search(buf, 0, limit + 1)
-        cut = m.end() if m else 0  # between a non-space and a space: always a pre-token boundary
-        if self._splitter is not None:
-            for s in self._splitter.finditer(buf, 0, len(buf)):
-                if s.start() >= limit:
-                    break
-                if s.start() < cut < s.end() or s.start() >= cut:
-                    cut = s.start()  # never inside; a special's start is a boundary
-        return cut
-
     def encode_chunks(self, iterable: Iterable[str], chunk_chars: int = 1 << 16) -> Iterator[list[int]]:
-        """Encode an iterable of strings lazily, yielding the ids in lists (one per safe chunk of about `chunk_chars`)."""
+        """Encode an iterable of strings lazily, one list of ids per safe chunk of about `chunk_chars` characters."""
         buf = ""
         for text in iterable:
             buf += text
-            if len(buf) < chunk_chars:
-                continue
-            cut = self._safe_cut(buf)
-            if cut:
+            if len(buf) >= chunk_chars and (cut := _safe_cut(buf, self.special_tokens, self._splitter)):
                 yield self.encode(buf[:cut])
                 buf = buf[cut:]
         if buf:
