@@ -1,4 +1,5 @@
 """setuptools script that reads nbdev 2's settings.ini (no pkg_resources needed)."""
+
 from configparser import ConfigParser
 
 import setuptools
@@ -9,6 +10,7 @@ cfg = cfg["DEFAULT"]
 
 requirements = cfg.get("requirements", "").split()
 dev_requirements = cfg.get("dev_requirements", "").split()
+hf_requirements = cfg.get("hf_requirements", "").split()  # Hugging Face export/import; never needed to train
 
 setuptools.setup(
     name=cfg["lib_name"],
@@ -25,7 +27,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg["lib_path"], cfg["lib_path"] + ".*"]),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={"dev": dev_requirements},
+    extras_require={"hf": hf_requirements, "dev": dev_requirements + hf_requirements},
     zip_safe=False,
     entry_points={"nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
 )

@@ -166,6 +166,16 @@ class TransformerLM(nn.Module):
         kwargs = {key: config[key] for key in MODEL_KEYS if config.get(key) is not None}  # None: the default
         return cls(**kwargs, device=device, dtype=dtype)
 
+    @classmethod
+    def from_hf(cls, directory, device=None, dtype=None) -> "TransformerLM":
+        """The model in a local Hugging Face Llama directory (MHA, no biases, plain RoPE); see the export chapter."""
+        from cs336_nb.export import read_hf_llama  # needs the optional safetensors package (pip install -e ".[hf]")
+
+        config, state_dict = read_hf_llama(directory)  # q/k rows permuted back to our RoPE pairs
+        model = cls.from_config(config, device=device, dtype=dtype)
+        model.load_state_dict(state_dict)
+        return model
+
     def new_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         """An empty KV cache for batch_size sequences of up to max_len (default context_length) tokens."""
         max_len = self.context_length if max_len is None else max_len
