@@ -7,24 +7,21 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import json
-import os
+import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from .checkpoint import CheckpointError, list_checkpoints, read_checkpoint
 from .layers import softmax
 from .model import TransformerLM
+from .runtime import load_model, resolve_device, run_cli, run_tokenizer_dir, set_threads
 from .tokenizer import Tokenizer
 
 # %% auto #0
-__all__ = ['MODEL_CONFIG_KEYS', 'ABLATION_KEYS', 'top_k_filter', 'top_p_filter', 'sample_next_token', 'stream_generate',
-           'generate', 'benchmark_kv_cache', 'TextStreamer', 'find_checkpoint', 'load_model', 'find_tokenizer',
-           'sample_text', 'main']
+__all__ = ['top_k_filter', 'top_p_filter', 'sample_next_token', 'stream_generate', 'generate', 'benchmark_kv_cache',
+           'TextStreamer', 'sample_text', 'main']
 
 # %% ../nbs/09_generate.ipynb #f8dcc1a8
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -51,6 +48,16 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 # %% ../nbs/09_generate.ipynb #b4b8bd90
+def _check_sampling(temperature: float, top_p: float, top_k: int | None) -> None:
+    """Raise ValueError unless temperature, top-p and top-k are finite and in range."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):  # False for NaN as well
+        raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer (None disables it), got {top_k}")
+
+
 def sample_next_token(
     logits: torch.Tensor,  # (..., vocab_size) logits for the next position
     temperature: float = 1.0,  # 0 means greedy (argmax)
@@ -59,8 +66,7 @@ def sample_next_token(
     generator: torch.Generator | None = None,  # source of randomness (same device as logits)
 ) -> torch.Tensor:
     """Choose the next token id for each row of `logits`: greedy, or sampled after temperature/top-k/top-p."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    _check_sampling(temperature, top_p, top_k)
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)  # the tau -> 0 limit of the softmax
@@ -95,6 +101,7 @@ def stream_generate(
         raise ValueError("empty prompt: generation needs at least one token to condition on")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    _check_sampling(temperature, top_p, top_k)  # before any work, not at the first token
     context_length = model.context_length
     device = _model_device(model)
     cache = model.new_kv_cache(1) if use_cache and max_new_tokens > 0 else None
@@ -202,104 +209,44 @@ class TextStreamer:
         """Whatever is held back at the end of the stream (incomplete bytes become U+FFFD)."""
         return self._decoder.decode(b"", final=True)
 
-# %% ../nbs/09_generate.ipynb #1a08d3f1
-MODEL_CONFIG_KEYS = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta")
-ABLATION_KEYS = ("remove_rmsnorm", "use_post_norm", "remove_rope", "ffn_type", "tie_embeddings")
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """`path` if it is a checkpoint file; for a run directory, its newest `checkpoint_<iter>.pt`."""
-    path = Path(path)
-    if path.is_dir():
-        found = list_checkpoints(path)
-        if found:
-            return found[-1][1]
-        runs = sorted(d.name for d in path.iterdir() if d.is_dir() and any(d.glob("checkpoint_*.pt")))
-        hint = f" (runs inside it: {', '.join(runs)})" if runs else ""
-        raise FileNotFoundError(f"no checkpoint_<iter>.pt in {path}{hint}: pass a checkpoint file or a run directory")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return path
-
-# %% ../nbs/09_generate.ipynb #dc07ea64
-def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[TransformerLM, dict, Path]:
-    """Rebuild the trained model from a checkpoint (file or run directory); returns (model, config, checkpoint file)."""
-    path = find_checkpoint(checkpoint)
-    state = read_checkpoint(path, map_location="cpu")
-    config = state.get("config")
-    if not config:
-        config_file = path.parent / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(
-                f"{path} carries no model config and there is no config.json beside it: "
-                "copy the training run's config.json next to the checkpoint"
-            )
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{config_file} is not valid JSON ({error})") from None
-    missing = [key for key in MODEL_CONFIG_KEYS if config.get(key) is None]
-    if missing:
-        raise ValueError(f"the model config of {path} lacks {', '.join(missing)}: cannot rebuild the model")
-    kwargs = {key: config[key] for key in MODEL_CONFIG_KEYS}
-    kwargs |= {key: config[key] for key in ABLATION_KEYS if config.get(key) is not None}
-    model = TransformerLM(**kwargs)
-    weights = {k.removeprefix("_orig_mod."): v for k, v in state["model_state_dict"].items()}  # torch.compile prefix
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not fit the model its config describes ({first})") from None
-    return model.to(device).eval(), config, path
-
-# %% ../nbs/09_generate.ipynb #50d51865
-def _tokenizer_candidates(config: dict, checkpoint: Path) -> list[Path]:
-    """Where the tokenizer of a run may be, most specific first."""
-    found = []
-    if config.get("tokenizer_dir"):
-        found.append(Path(config["tokenizer_dir"]))
-    if config.get("train_data"):
-        data = Path(config["train_data"])
-        name = data.name.rpartition("_train")[0] or data.name.split(".")[0]
-        for folder in (data.parent, checkpoint.parent / data.parent):
-            meta = folder / f"{name}_meta.json"
-            if meta.is_file():
-                try:
-                    info = json.loads(meta.read_text(encoding="utf-8"))
-                except json.JSONDecodeError:
-                    info = {}
-                if info.get("tokenizer_dir"):
-                    found += [Path(info["tokenizer_dir"]), meta.parent / info["tokenizer_dir"]]
-                if info.get("tokenizer_dir_name"):  # the folder's name, relative to the meta file
-                    found.append(meta.parent / info["tokenizer_dir_name"])
-            found.append(folder / f"{name}_tokenizer")
-    # a relative path may be relative to where training ran (cwd) or to the run directory
-    return [p for c in found for p in ([c] if c.is_absolute() else [c, checkpoint.parent / c])]
-
-
-def find_tokenizer(config: dict, checkpoint: str | Path, tokenizer_dir: str | Path | None = None) -> Tokenizer:
-    """Load the tokenizer of a run: `tokenizer_dir` if given, else the one its config or data preparation names."""
-    if tokenizer_dir is not None:
-        if not (Path(tokenizer_dir) / "vocab.json").is_file():
-            raise FileNotFoundError(
-                f"no tokenizer in {tokenizer_dir}: --tokenizer must be a directory with vocab.json, merges.txt"
-            )
-        return Tokenizer.from_dir(tokenizer_dir)
-    candidates = _tokenizer_candidates(config, Path(checkpoint))
-    for candidate in candidates:
-        if (candidate / "vocab.json").is_file():
-            return Tokenizer.from_dir(candidate)
-    looked = (
-        ", ".join(dict.fromkeys(str(c) for c in candidates))
-        or "nowhere: the config names no tokenizer_dir or train_data"
-    )
-    raise FileNotFoundError(f"tokenizer not found (looked in {looked}): pass --tokenizer DIR")
-
 # %% ../nbs/09_generate.ipynb #56c181e6
 def _eos_id(tokenizer: Tokenizer) -> int | None:
     """The id of <|endoftext|> when the tokenizer has it as one token."""
     ids = tokenizer.encode("<|endoftext|>")
     return ids[0] if len(ids) == 1 else None
+
+
+def _prompt_ids(model: TransformerLM, tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids, checked against the model's vocabulary."""
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError('empty prompt: give some text to continue, e.g. "Once upon a time"')
+    vocab_size = model.token_embeddings.weight.shape[0]
+    if max(ids) >= vocab_size:
+        raise ValueError(
+            f"the prompt has token ids >= the model's vocab_size {vocab_size}: "
+            "a tokenizer from another run? (pass the run's own with --tokenizer DIR)"
+        )
+    return ids
+
+
+def _continuation(
+    model: TransformerLM,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int | None,
+    generator: torch.Generator | None,
+) -> Iterator[tuple[int | None, str]]:
+    """Yield (token id, text it completes) per new token, then (None, the text held back to the end)."""
+    streamer = TextStreamer(tokenizer)
+    ids = _prompt_ids(model, tokenizer, prompt)
+    eos = _eos_id(tokenizer)
+    for token_id in stream_generate(model, ids, max_new_tokens, temperature, top_p, top_k, eos, generator):
+        yield token_id, streamer.push(token_id)
+    yield None, streamer.flush()
 
 
 def sample_text(
@@ -312,125 +259,95 @@ def sample_text(
     top_k: int | None = None,
     seed: int | None = None,  # None: torch's global RNG
     generator: torch.Generator | None = None,  # overrides `seed` (the CLI shares one across samples)
-    on_text=None,  # called with each printable piece of the continuation as it is produced
+    on_text: Callable[[str], None] | None = None,  # called with each printable piece as it is produced
 ) -> str:
     """The prompt followed by a sampled continuation, stopping at <|endoftext|>."""
-    prompt_ids = tokenizer.encode(prompt)
-    if not prompt_ids:
-        raise ValueError('empty prompt: give some text to continue, e.g. "Once upon a time"')
-    vocab_size = model.token_embeddings.weight.shape[0]
-    if max(prompt_ids) >= vocab_size:
-        raise ValueError(
-            f"the prompt has token ids >= the model's vocab_size {vocab_size}: wrong tokenizer? pass --tokenizer"
-        )
     if generator is None and seed is not None:
         generator = torch.Generator(device=_model_device(model)).manual_seed(seed)
-    streamer, pieces = TextStreamer(tokenizer), [prompt]
-    for token_id in stream_generate(
-        model, prompt_ids, max_new_tokens, temperature, top_p, top_k, _eos_id(tokenizer), generator
-    ):
-        pieces.append(streamer.push(token_id))
-        if on_text is not None and pieces[-1]:
-            on_text(pieces[-1])
-    pieces.append(streamer.flush())
-    if on_text is not None and pieces[-1]:
-        on_text(pieces[-1])
+    pieces = [prompt]
+    for _, piece in _continuation(model, tokenizer, prompt, max_new_tokens, temperature, top_p, top_k, generator):
+        pieces.append(piece)
+        if on_text is not None and piece:
+            on_text(piece)
     return "".join(pieces)
 
 # %% ../nbs/09_generate.ipynb #a3a40667
-def _pick_device(name: str) -> torch.device:
-    """`auto` -> cuda, mps or cpu; anything else must name an available torch device."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return device
-
-
-def _check_sampling_flags(args: argparse.Namespace) -> None:
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse bad flags before loading anything."""
+    _check_sampling(args.temperature, args.top_p, args.top_k)
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if not 0.0 < args.top_p <= 1.0:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k is not None and args.top_k <= 0:
-        raise ValueError(f"--top-k must be a positive integer, got {args.top_k}")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
     if not args.prompt:
         raise ValueError('empty prompt: pass some text, e.g. --prompt "Once upon a time"')
+    if sys.stdout is None:  # started with stdout closed (`>&-`): the sample would go nowhere
+        raise ValueError("stdout is closed: nowhere to write the sample (redirect it, e.g. > sample.txt)")
+
+
+def _write(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def _sample_to_stdout(model: TransformerLM, tokenizer: Tokenizer, args, generator: torch.Generator | None) -> None:
+    """Stream one sample to stdout, then its speed as one line on stderr."""
+    _write(args.prompt)
+    start, new_tokens = time.perf_counter(), 0
+    sampling = (args.max_new_tokens, args.temperature, args.top_p, args.top_k, generator)
+    for token_id, piece in _continuation(model, tokenizer, args.prompt, *sampling):
+        new_tokens += token_id is not None
+        if piece:
+            _write(piece)
+    _write("\n")
+    seconds = time.perf_counter() - start
+    print(f"generated {new_tokens} tokens in {seconds:.2f} s ({new_tokens / seconds:.0f} tok/s)", file=sys.stderr)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    """The command: check the flags, load model and tokenizer, sample."""
+    _check_flags(args)
+    device = resolve_device(args.device)
+    model, _, path = load_model(args.checkpoint, device)
+    tokenizer = Tokenizer.from_dir(run_tokenizer_dir(path, args.tokenizer))
+    _prompt_ids(model, tokenizer, args.prompt)  # a wrong tokenizer fails here, before anything is printed
+    num_params = sum(p.numel() for p in model.parameters())
+    threads = set_threads(args.threads, num_params)
+    print(f"loaded {path} ({num_params:,} parameters) on {device}, {threads} thread(s)", file=sys.stderr)
+    generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            _write(f"--- sample {i + 1} ---\n")
+        _sample_to_stdout(model, tokenizer, args, generator)
 
 # %% ../nbs/09_generate.ipynb #49ace655
-def main(argv: list[str] | None = None) -> None:
-    """`python -m cs336_nb.generate`: sample text from a trained checkpoint, streamed to stdout."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cs336_nb.generate",
-        description="Sample text from a cs336_nb checkpoint.",
+        description="Sample text from a cs336_nb checkpoint, streamed to stdout.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--checkpoint", required=True, help="checkpoint file, or a run directory (newest checkpoint_<iter>.pt)"
-    )
-    parser.add_argument("--prompt", required=True, help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus mass; 1 disables")
-    parser.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument(
-        "--tokenizer", default=None, help="tokenizer directory (vocab.json, merges.txt, special_tokens.json)"
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    args = parser.parse_args(argv)
-    try:
-        _check_sampling_flags(args)
-        device = _pick_device(args.device)
-        model, config, path = load_model(args.checkpoint, device)
-        tokenizer = find_tokenizer(config, path, args.tokenizer)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"loaded {path} ({n_params:,} parameters) on {device}", file=sys.stderr)
-        generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
+    add = parser.add_argument
+    add("--checkpoint", required=True, help="checkpoint file, or a run directory (its newest checkpoint_<iter>.pt)")
+    add("--prompt", required=True, help="text to continue")
+    add("--max-new-tokens", type=int, default=256, help="tokens to sample after the prompt (fewer at <|endoftext|>)")
+    add("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")
+    add("--top-p", type=float, default=0.9, help="nucleus mass in (0, 1]; 1 disables")
+    add("--top-k", type=int, default=None, help="keep only the k most likely tokens; unset disables")
+    add("--seed", type=int, default=None, help="seed for reproducible samples; unset = different every run")
+    add("--num-samples", type=int, default=1, help="samples to draw, one after another")
+    add("--tokenizer", default=None, help="tokenizer directory; unset = the run's own RUN_DIR/tokenizer/")
+    add("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    add("--threads", type=int, default=None, help="CPU threads; unset = the fastest for this model on idle cores")
+    return parser
 
-        def write(piece: str) -> None:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
 
-        for i in range(args.num_samples):
-            if args.num_samples > 1:
-                print(f"--- sample {i + 1} ---", flush=True)
-            write(args.prompt)
-            start = time.perf_counter()
-            sample_text(
-                model,
-                tokenizer,
-                args.prompt,
-                args.max_new_tokens,
-                args.temperature,
-                args.top_p,
-                args.top_k,
-                generator=generator,
-                on_text=write,
-            )
-            write("\n")
-            print(f"[{time.perf_counter() - start:.2f}s]", file=sys.stderr)
-    except (ValueError, FileNotFoundError) as error:  # CheckpointError is a ValueError
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        raise SystemExit(130) from None
-    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail again
-        raise SystemExit(1) from None
+def main(argv: list[str] | None = None) -> None:
+    """`python -m cs336_nb.generate`: sample text from a trained checkpoint, streamed to stdout."""
+    args = _parser().parse_args(argv)
+    run_cli("generate", _generate, args)
 
 # %% ../nbs/09_generate.ipynb #6fc07c82
 #| eval: false

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -16,8 +18,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter
 
+from .runtime import run_cli
+
 # %% auto #0
-__all__ = ['FIGSIZE', 'read_metrics', 'plot_runs', 'main']
+__all__ = ['FIGSIZE', 'read_metrics', 'ema', 'plot_runs', 'default_out', 'main']
 
 # %% ../nbs/10_plot.ipynb #cf4994fe
 def _metrics_file(run_dir: str | Path) -> Path:
@@ -26,28 +30,63 @@ def _metrics_file(run_dir: str | Path) -> Path:
     if path.is_file():
         return path
     if not path.is_dir():
-        raise FileNotFoundError(f"run directory not found: {path}")
+        raise ValueError(f"run directory not found: {path} (pass a training run's --checkpoint-dir)")
     if not (path / "metrics.jsonl").is_file():
-        raise FileNotFoundError(f"no metrics.jsonl in {path}: pass a training run directory (its --checkpoint-dir)")
+        raise ValueError(f"no metrics.jsonl in {path} (pass a training run directory, its --checkpoint-dir)")
     return path / "metrics.jsonl"
 
 
-def read_metrics(run_dir: str | Path) -> dict[str, list[dict]]:
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_record(record) -> bool:
+    """A metrics record: a JSON object; a train or eval one with a finite step and numeric losses and time."""
+    if not isinstance(record, dict):
+        return False
+    if record.get("type", "train") not in ("train", "eval"):
+        return True  # another kind of record: kept, not drawn
+    if not (_is_number(record.get("step")) and math.isfinite(record["step"])):
+        return False
+    if record.get("time_s") is not None and not (_is_number(record["time_s"]) and math.isfinite(record["time_s"])):
+        return False
+    return all(record.get(key) is None or _is_number(record[key]) for key in ("loss", "val_loss"))
+
+
+def read_metrics(run_dir: str | Path, warn: Callable[[str], None] | None = None) -> dict[str, list[dict]]:
     """The records of a run's metrics.jsonl grouped by type: {"train": [...], "eval": [...], ...}."""
     path = _metrics_file(run_dir)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
     records: dict[str, list[dict]] = {"train": [], "eval": []}
+    skipped = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            if number == len(lines):  # a run stopped mid-write: drop the partial last line
-                break
-            raise ValueError(f"{path}:{number} is not a JSON object; is this a cs336_nb metrics file?") from None
-        records.setdefault(record.get("type", "train"), []).append(record)
+            record = None
+        if not _is_record(record):
+            skipped.append(number)
+            continue
+        records.setdefault(str(record.get("type", "train")), []).append(record)
+    if skipped and len(skipped) == sum(1 for line in lines if line.strip()):
+        raise ValueError(
+            f"{path}: none of its {len(skipped)} lines is a metrics record (is this a run's metrics.jsonl?)"
+        )
+    if skipped:
+        (warn or warnings.warn)(f"{path}: skipped {len(skipped)} unreadable line(s), the first at line {skipped[0]}")
     return records
+
+# %% ../nbs/10_plot.ipynb #661d6c2d
+def ema(values: Sequence[float], smoothing: float) -> list[float]:
+    """Exponential moving average: s_0 = x_0, s_i = smoothing * s_{i-1} + (1 - smoothing) * x_i."""
+    if not (_is_number(smoothing) and 0.0 <= smoothing < 1.0):
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing} (0 = raw, 0.9 = about 10 points)")
+    smoothed: list[float] = []
+    for value in values:
+        smoothed.append(value if not smoothed else smoothing * smoothed[-1] + (1.0 - smoothing) * value)
+    return smoothed
 
 # %% ../nbs/10_plot.ipynb #3d9ce3da
 FIGSIZE = (12.0, 4.5)  # inches: the PNG is FIGSIZE * dpi pixels
@@ -79,39 +118,64 @@ def _run_names(paths: list[Path]) -> list[str]:
     names = [p.name for p in paths]
     return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
 
-# %% ../nbs/10_plot.ipynb #6d35f575
-def plot_runs(
-    run_dirs: Sequence[str | Path],
-    out: str | Path | None = None,  # save a PNG (or any format matplotlib knows by suffix) here
-    log_y: bool = False,  # log-scaled loss axis
-    title: str | None = None,
-    dpi: int = 100,
-) -> Figure:
-    """Train (thin line) and validation (markers) loss of each run, against step and against wall-clock time."""
+
+def _default_title(names: list[str]) -> str:
+    """'loss: a, b, c' (the first four runs, then how many more)."""
+    shown = ", ".join(names[:4])
+    return f"loss: {shown}" + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+# %% ../nbs/10_plot.ipynb #b470e671
+def _load_runs(
+    run_dirs: Sequence[str | Path], warn: Callable[[str], None] | None = None
+) -> list[tuple[str, list[dict], list[dict]]]:
+    """(legend name, train records, eval records) for each run, the last pass of a resumed run only."""
     if not run_dirs:
-        raise ValueError("no run directories given: pass at least one training run directory")
+        raise ValueError("no run directories given (pass at least one training run directory)")
     files = [_metrics_file(d) for d in run_dirs]
     paths = [f.parent if f.name == "metrics.jsonl" else f.with_suffix("") for f in files]  # named after the run
     runs = []
     for file, path, name in zip(files, paths, _run_names(paths)):
-        records = read_metrics(file)
+        records = read_metrics(file, warn)
         train, val = _last_pass(records["train"], "loss"), _last_pass(records["eval"], "val_loss")
         if not train and not val:
-            raise ValueError(f"{path} has no train or eval loss records yet: let the run log at least once")
+            raise ValueError(f"{path} has no train or eval loss records yet (let the run log at least once)")
         runs.append((name, train, val))
+    return runs
+
+# %% ../nbs/10_plot.ipynb #6d35f575
+def _draw_run(ax, train: list[dict], val: list[dict], x: str, scale: float, color: str, smooth: float) -> None:
+    """One run on one panel: train loss (raw, or raw faint under its EMA) and validation markers."""
+    t = [r for r in train if r.get(x) is not None]
+    v = [r for r in val if r.get(x) is not None]
+    xs = [r[x] / scale for r in t]
+    losses = [r["loss"] for r in t]
+    if smooth > 0:
+        ax.plot(xs, losses, color=color, lw=0.6, alpha=0.2)
+        ax.plot(xs, ema(losses, smooth), color=color, lw=1.2, alpha=0.9)
+    else:
+        ax.plot(xs, losses, color=color, lw=0.8, alpha=0.45)
+    ax.plot([r[x] / scale for r in v], [r["val_loss"] for r in v], color=color, lw=1.5, marker="o", ms=4)
+
+
+def plot_runs(
+    run_dirs: Sequence[str | Path],
+    out: str | Path | None = None,  # save a PNG (or any format matplotlib knows by suffix) here
+    log_y: bool = False,  # log-scaled loss axis
+    title: str | None = None,  # None: name the runs
+    dpi: int = 100,
+    smooth: float = 0.0,  # EMA factor for the train loss in [0, 1); 0 draws it raw
+    warn: Callable[[str], None] | None = None,  # told about skipped metrics lines (default: warnings.warn)
+) -> Figure:
+    """Train (thin line) and validation (markers) loss of each run, against step and against wall-clock time."""
+    ema([], smooth)  # check the factor before reading anything
+    runs = _load_runs(run_dirs, warn)
     longest = max(r.get("time_s") or 0.0 for _, train, val in runs for r in train + val)
     scale, unit = _time_unit(longest)
-
     fig = Figure(figsize=FIGSIZE, dpi=dpi, layout="constrained")
     by_step, by_time = fig.subplots(1, 2, sharey=True)
-    for i, (name, train, val) in enumerate(runs):
-        color = f"C{i % 10}"
-        for ax, x in ((by_step, "step"), (by_time, "time_s")):
-            t = [r for r in train if r.get(x) is not None]
-            v = [r for r in val if r.get(x) is not None]
-            div = scale if x == "time_s" else 1.0
-            ax.plot([r[x] / div for r in t], [r["loss"] for r in t], color=color, lw=0.8, alpha=0.45)
-            ax.plot([r[x] / div for r in v], [r["val_loss"] for r in v], color=color, lw=1.5, marker="o", ms=4)
+    for i, (_, train, val) in enumerate(runs):
+        _draw_run(by_step, train, val, "step", 1.0, f"C{i % 10}", smooth)
+        _draw_run(by_time, train, val, "time_s", scale, f"C{i % 10}", smooth)
     by_step.set_xlabel("step")
     by_time.set_xlabel(f"wall-clock time ({unit})")
     by_step.set_ylabel("loss")
@@ -123,14 +187,44 @@ def plot_runs(
             ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     handles = [Line2D([], [], color=f"C{i % 10}", lw=2) for i in range(len(runs))]
     handles += [Line2D([], [], color="gray", lw=0.8, alpha=0.6), Line2D([], [], color="gray", lw=1.5, marker="o", ms=4)]
-    by_step.legend(handles, [name for name, _, _ in runs] + ["train", "validation"], fontsize="small")
-    if title:
-        fig.suptitle(title)
+    train_label = f"train (EMA {smooth:g}, raw faint)" if smooth > 0 else "train"
+    by_step.legend(handles, [name for name, _, _ in runs] + [train_label, "validation"], fontsize="small")
+    fig.suptitle(title if title is not None else _default_title([name for name, _, _ in runs]))
     if out is not None:
         fig.savefig(out, dpi=dpi)
     return fig
 
 # %% ../nbs/10_plot.ipynb #4419efe7
+def default_out(run_dirs: Sequence[str | Path]) -> Path:
+    """Where the CLI writes the figure when --out is not given: `curves.png` in the first run's directory."""
+    return _metrics_file(run_dirs[0]).parent / "curves.png"
+
+
+def _check_out(out: Path) -> None:
+    """Fail before any work if matplotlib cannot write `out`: a missing folder or an unknown format."""
+    if not out.parent.is_dir():
+        raise ValueError(
+            f"cannot write {out}: the folder {out.parent} does not exist (create it or pick another --out)"
+        )
+    formats = Figure().canvas.get_supported_filetypes()
+    if out.suffix and out.suffix[1:].lower() not in formats:
+        raise ValueError(f"cannot write {out}: unknown image format {out.suffix} (use one of .{', .'.join(formats)})")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    if args.dpi <= 0:
+        raise ValueError(f"--dpi must be positive, got {args.dpi}")
+    ema([], args.smooth)
+    out = Path(args.out) if args.out is not None else default_out(args.run_dirs)
+    _check_out(out)
+
+    def warn(message: str) -> None:
+        print(f"plot: warning: {message}", file=sys.stderr)
+
+    plot_runs(args.run_dirs, out, args.log_y, args.title, args.dpi, args.smooth, warn)
+    print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m cs336_nb.plot`: draw the learning curves of one or more runs into an image file."""
     parser = argparse.ArgumentParser(
@@ -141,24 +235,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "run_dirs", nargs="+", metavar="RUN_DIR", help="training run directories (each with metrics.jsonl)"
     )
-    parser.add_argument("--out", default="curves.png", help="image file to write (PNG, SVG, PDF by suffix)")
+    parser.add_argument(
+        "--out", default=None, help="image file to write (PNG, SVG, PDF by suffix); default: RUN_DIR/curves.png"
+    )
+    parser.add_argument(
+        "--smooth", type=float, default=0.0, help="EMA factor in [0, 1) for the train loss, e.g. 0.9; 0 = raw"
+    )
     parser.add_argument("--log-y", action="store_true", help="log-scaled loss axis")
-    parser.add_argument("--title", default=None)
+    parser.add_argument("--title", default=None, help="figure title; default: the runs' names")
     parser.add_argument(
         "--dpi", type=int, default=100, help=f"resolution: the image is {FIGSIZE[0]:g} x {FIGSIZE[1]:g} inches"
     )
     args = parser.parse_args(argv)
     matplotlib.use("Agg")  # no display needed
-    try:
-        if args.dpi <= 0:
-            raise ValueError(f"--dpi must be positive, got {args.dpi}")
-        if not Path(args.out).parent.is_dir():
-            raise FileNotFoundError(f"cannot write {args.out}: its directory does not exist")
-        plot_runs(args.run_dirs, out=args.out, log_y=args.log_y, title=args.title, dpi=args.dpi)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"wrote {args.out}")
+    run_cli("plot", _plot, args)
 
 # %% ../nbs/10_plot.ipynb #6793313a
 #| eval: false

@@ -8,11 +8,14 @@ __all__ = ['QUICKSTART_CONFIG', 'CORPUS_NAME', 'CORPUS_BYTES', 'PROMPT', 'quicks
 # %% ../nbs/12_quickstart.ipynb #6a618a25
 import argparse
 import json
-import sys
+import os
 import time
 from pathlib import Path
 
 from . import generate, prepare, train
+from .model import TransformerLM
+from .runtime import default_threads, load_model, run_cli, run_tokenizer_dir, set_threads
+from .tokenizer import Tokenizer
 
 # %% ../nbs/12_quickstart.ipynb #940f88b9
 QUICKSTART_CONFIG = "configs/quickstart.json"
@@ -21,50 +24,99 @@ CORPUS_BYTES = 6_000_000  # standard-library text used for both the tokenizer an
 PROMPT = "def "
 
 # %% ../nbs/12_quickstart.ipynb #9078f07e
+def _find_config(config: str | Path | None) -> Path:
+    """The config to use: `config` if given, else ./configs/quickstart.json, else the repository's own."""
+    if config is not None:
+        if not Path(config).is_file():
+            raise ValueError(f"no config at {config} (pass an existing --config file)")
+        return Path(config)
+    repository = Path(train.__file__).resolve().parents[1]  # the clone, for an editable install
+    for candidate in (Path(QUICKSTART_CONFIG), repository / QUICKSTART_CONFIG):
+        if candidate.is_file():
+            return candidate
+    raise ValueError(f"no {QUICKSTART_CONFIG} here or beside the package (pass --config FILE)")
+
+
+def _read_config(config: Path) -> dict:
+    """The training config as a dict, checked for the keys the quick start reads."""
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config} is not valid JSON ({error}): fix the file or pass another --config") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{config} must hold a JSON object of training settings (see {QUICKSTART_CONFIG})")
+    missing = [key for key in ("train_data", "checkpoint_dir", "vocab_size") if key not in cfg]
+    if missing:
+        raise ValueError(f"{config} lacks {', '.join(missing)} (the quick start needs them; see {QUICKSTART_CONFIG})")
+    return cfg
+
+
 def _dataset_location(cfg: dict) -> tuple[Path, str]:
     """The `(out_dir, name)` prepare() must write so that the config's `train_data` exists afterwards."""
     train_data = Path(cfg["train_data"])
     suffix = "_train.uint16.npy"
     if not train_data.name.endswith(suffix):
-        raise ValueError(
-            f"quick start: train_data {train_data} must end in {suffix} (prepare's naming): fix the config"
-        )
+        raise ValueError(f"train_data {train_data} must end in {suffix} (prepare's naming): fix the config")
     return train_data.parent, train_data.name[: -len(suffix)]
+
+# %% ../nbs/12_quickstart.ipynb #4e49f00a
+def _threads_note(cfg: dict, threads: int | None) -> str | None:
+    """One line about the thread count when it matters: several cores and no --threads given."""
+    cores = os.cpu_count() or 1
+    if threads is not None or cores < 2:
+        return None
+    num_params = sum(p.numel() for p in TransformerLM.from_config(cfg, device="meta").parameters())
+    chosen = default_threads(num_params)
+    return (
+        f"== threads: {chosen} of {cores} cores for this {num_params / 1e6:.1f}M-parameter model "
+        "(--threads N to choose; on a busy machine fewer is often much faster)"
+    )
 
 # %% ../nbs/12_quickstart.ipynb #d3e2fb8a
 def quickstart(
-    config: str | Path = QUICKSTART_CONFIG,
+    config: str | Path | None = None,  # None: ./configs/quickstart.json, else the repository's
     prompt: str = PROMPT,
     max_new_tokens: int = 200,
     corpus_bytes: int = CORPUS_BYTES,
     train_args: list[str] | None = None,
     seed: int = 0,
+    threads: int | None = None,  # None: the runtime's choice for the model size
 ) -> str:
     """Prepare the standard-library corpus, train the quick-start model, print and return a sample."""
-    config = Path(config)
-    if not config.is_file():
-        raise FileNotFoundError(f"quick start: no config at {config}: run from the repository root or pass --config")
-    cfg = json.loads(config.read_text(encoding="utf-8"))
+    config = _find_config(config)
+    cfg = _read_config(config)
     out_dir, name = _dataset_location(cfg)
     t0 = time.perf_counter()
     # 1) data: the standard library's source, tokenized (skipped when already done and verified)
     print(f"== 1/3 prepare: {corpus_bytes / 1e6:.1f} MB of Python's standard library -> {out_dir}/{name}_*", flush=True)
     prepare.prepare(corpus="stdlib", out_dir=out_dir, name=name, vocab_size=cfg["vocab_size"], max_bytes=corpus_bytes)
     # 2) train, resuming whatever an earlier quick start left behind
-    print(f"== 2/3 train: python -m cs336_nb.train --config {config} --resume auto", flush=True)
-    summary = train.main(["--config", str(config), "--resume", "auto", *(train_args or [])])
-    # 3) sample from the newest checkpoint
+    note = _threads_note(cfg, threads)
+    if note is not None:
+        print(note, flush=True)
+    train_argv = [
+        "--config",
+        str(config),
+        "--resume",
+        "auto",
+        *([] if threads is None else ["--threads", str(threads)]),
+    ]
+    print(f"== 2/3 train: python -m cs336_nb.train {' '.join(train_argv)}", flush=True)
+    summary = train.main([*train_argv, *(train_args or [])])
+    # 3) sample from the newest checkpoint, loaded as the generate command loads it
     run_dir = Path(cfg["checkpoint_dir"])
-    model, run_config, newest = generate.load_model(run_dir)  # the newest checkpoint, as the generate CLI does
-    tokenizer = generate.find_tokenizer(run_config, newest)
+    model, _, newest = load_model(run_dir)
+    tokenizer = Tokenizer.from_dir(run_tokenizer_dir(newest))
+    set_threads(threads, sum(p.numel() for p in model.parameters()))
     print(f"== 3/3 sample from {newest}: {prompt!r}", flush=True)
     text = generate.sample_text(
         model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.8, top_p=0.95, seed=seed
     )
     print(text, flush=True)
+    steps = summary.get("iteration", "?") if isinstance(summary, dict) else "?"
     print(
-        f"== done in {time.perf_counter() - t0:.0f} s: {summary.get('iteration', '?')} steps, run in {run_dir}; "
-        f"curves: python -m cs336_nb.plot {run_dir} --out curves.png",
+        f"== done in {time.perf_counter() - t0:.0f} s: {steps} steps, run in {run_dir}; "
+        f"curves: python -m cs336_nb.plot {run_dir} --smooth 0.9 (writes {run_dir / 'curves.png'})",
         flush=True,
     )
     return text
@@ -76,23 +128,17 @@ def main(argv: list[str] | None = None) -> str:
         prog="python -m cs336_nb.quickstart",
         description=quickstart.__doc__,
         epilog="Any other flags go to the training CLI, e.g. --max-iters 100 or --device cuda.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--config", default=QUICKSTART_CONFIG, help=f"training config (default {QUICKSTART_CONFIG})")
-    p.add_argument("--prompt", default=PROMPT, help=f"text to continue (default {PROMPT!r})")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample (default 200)")
-    p.add_argument(
-        "--corpus-bytes",
-        type=int,
-        default=CORPUS_BYTES,
-        help=f"standard-library bytes to use (default {CORPUS_BYTES:,})",
-    )
+    p.add_argument("--config", default=None, help=f"training config; unset = ./{QUICKSTART_CONFIG}, else the repo's")
+    p.add_argument("--prompt", default=PROMPT, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample")
+    p.add_argument("--corpus-bytes", type=int, default=CORPUS_BYTES, help="standard-library bytes to use")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads; unset = the fastest for this model size")
     args, train_args = p.parse_known_args(argv)
-    try:
-        return quickstart(args.config, args.prompt, args.max_new_tokens, args.corpus_bytes, train_args, args.seed)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"quickstart: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    sampling = (args.prompt, args.max_new_tokens, args.corpus_bytes, train_args, args.seed, args.threads)
+    return run_cli("quickstart", quickstart, args.config, *sampling)
 
 # %% ../nbs/12_quickstart.ipynb #96c34d9d
 #| eval: false

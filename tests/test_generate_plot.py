@@ -2,14 +2,14 @@
 `python -m cs336_nb.plot`, in subprocesses, on a run that the real training CLI makes here.
 
 One module-scoped run is shared by every test: a byte-level BPE tokenizer (vocab 300) trained by
-`train_bpe` on the shared TinyStories sample and saved with `Tokenizer.save`, the sample encoded to
-`tiny_train.uint16.npy` / `tiny_val.uint16.npy` with a `tiny_meta.json` beside them (as data
-preparation writes it), and 10 training steps of a tiny model. Generation must find that tokenizer
-through the meta file alone (the run is trained without --tokenizer-dir).
+`train_bpe` on the TinyStories sample in nbs/data and saved with `Tokenizer.save`, the sample encoded
+to `tiny_train.uint16.npy` / `tiny_val.uint16.npy`, and 10 training steps of a tiny model with
+`--tokenizer-dir` naming that tokenizer. The run directory must then hold its own copy in
+`tokenizer/`, which is all generation reads (no --tokenizer flag).
 """
 
-import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -18,18 +18,19 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
-from conftest import ROOT, SHARED_DATA
+import torch
+from conftest import DATA, ROOT
 
-from cs336_nb.generate import find_tokenizer, load_model, sample_text
+from cs336_nb.generate import generate, sample_text
 from cs336_nb.generate import main as generate_main
 from cs336_nb.plot import FIGSIZE
-from cs336_nb.plot import main as plot_main
+from cs336_nb.runtime import load_model
 from cs336_nb.tokenizer import Tokenizer, train_bpe
 
 PROMPT = "Once upon a time"
 
 
-def cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def cli(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run `python -m cs336_nb.<module> args` from the repository root, this checkout first on the path."""
     env = {
         **os.environ,
@@ -37,6 +38,7 @@ def cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedPr
         "WANDB_MODE": "offline",
         "WANDB_SILENT": "true",
         "PYTHONIOENCODING": "utf-8",
+        "OMP_NUM_THREADS": "1",
     }
     return subprocess.run(
         [sys.executable, "-m", f"cs336_nb.{module}", *map(str, args)],
@@ -68,16 +70,13 @@ def run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("generate_plot")
     data = tmp / "data"
     data.mkdir()
-    vocab, merges = train_bpe(SHARED_DATA / "tinystories_sample.txt", 300, ["<|endoftext|>"])
+    vocab, merges = train_bpe(DATA / "tinystories_sample.txt", 300, ["<|endoftext|>"])
     Tokenizer(vocab, merges, ["<|endoftext|>"]).save(data / "tiny_tokenizer")
     tokenizer = Tokenizer.from_dir(data / "tiny_tokenizer")
-    ids = np.array(
-        tokenizer.encode((SHARED_DATA / "tinystories_sample.txt").read_text(encoding="utf-8")), dtype=np.uint16
-    )
+    ids = np.array(tokenizer.encode((DATA / "tinystories_sample.txt").read_text(encoding="utf-8")), dtype=np.uint16)
     cut = int(0.8 * len(ids))
     np.save(data / "tiny_train.uint16.npy", ids[:cut])
     np.save(data / "tiny_val.uint16.npy", ids[cut:])
-    (data / "tiny_meta.json").write_text(json.dumps({"tokenizer_dir": str(data / "tiny_tokenizer"), "vocab_size": 300}))
     run_dir = tmp / "tiny_run"
     proc = cli(
         "train",
@@ -115,11 +114,16 @@ def run(tmp_path_factory) -> Path:
         5,
         "--checkpoint-dir",
         run_dir,
+        "--tokenizer-dir",
+        data / "tiny_tokenizer",
         "--device",
         "cpu",
+        "--threads",
+        1,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (run_dir / "metrics.jsonl").is_file() and list(run_dir.glob("checkpoint_*.pt")), sorted(run_dir.iterdir())
+    assert (run_dir / "tokenizer" / "vocab.json").is_file(), sorted(run_dir.iterdir())  # the run's own copy
     return run_dir
 
 
@@ -128,13 +132,19 @@ def test_generate_cli_streams_the_sample_of_the_newest_checkpoint(run):
         "generate", "--checkpoint", run, "--prompt", PROMPT, "--max-new-tokens", 24, "--seed", 0, "--device", "cpu"
     )
     assert proc.returncode == 0, proc.stderr
-    assert "checkpoint_10.pt" in proc.stderr  # the newest of checkpoint_5.pt, checkpoint_10.pt
-    # independent of the CLI's plumbing: the same model, tokenizer and seed through the library call
-    model, config, path = load_model(run / "checkpoint_10.pt")
-    tokenizer = find_tokenizer(config, path)
+    loaded, speed = proc.stderr.splitlines()
+    assert "checkpoint_10.pt" in loaded  # the newest of checkpoint_5.pt, checkpoint_10.pt
+    # independent of the CLI's plumbing: the same model, the tokenizer the run was trained with, the same seed
+    model, _, _ = load_model(run / "checkpoint_10.pt")
+    tokenizer = Tokenizer.from_dir(run.parent / "data" / "tiny_tokenizer")
     expected = sample_text(model, tokenizer, PROMPT, 24, 0.8, 0.9, None, seed=0)
     assert len(tokenizer.encode(expected)) > len(tokenizer.encode(PROMPT))
     assert proc.stdout == expected + "\n"
+    # the speed line counts the tokens drawn (the same draw by hand: generate with the same seed)
+    eos = tokenizer.encode("<|endoftext|>")[0]
+    drawn = generate(model, tokenizer.encode(PROMPT), 24, 0.8, 0.9, None, eos, torch.Generator().manual_seed(0))
+    match = re.fullmatch(r"generated (\d+) tokens in [0-9.]+ s \(\d+ tok/s\)", speed)
+    assert match is not None and int(match[1]) == len(drawn), speed
 
 
 def test_generate_cli_bad_input_is_one_line(run, tmp_path, capsys):
@@ -149,34 +159,35 @@ def test_generate_cli_bad_input_is_one_line(run, tmp_path, capsys):
         (["--checkpoint", corrupt, "--prompt", PROMPT], "checkpoint_3.pt"),
         (["--checkpoint", tmp_path, "--prompt", PROMPT], "no checkpoint_<iter>.pt"),
         (["--checkpoint", run, "--prompt", ""], "empty prompt"),
-        (["--checkpoint", run, "--prompt", PROMPT, "--tokenizer", tmp_path], "no tokenizer in"),
-        (["--checkpoint", run, "--prompt", PROMPT, "--temperature", "-1"], "--temperature"),
+        (["--checkpoint", run, "--prompt", PROMPT, "--tokenizer", tmp_path / "nope"], "no such directory"),
+        (["--checkpoint", run, "--prompt", PROMPT, "--temperature", "-1"], "temperature"),
     ]
     for argv, text in cases:
         with pytest.raises(SystemExit) as exit:
             generate_main([str(a) for a in argv])
         err = capsys.readouterr().err
         assert exit.value.code == 2 and text in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert err.startswith("generate: error: "), err
 
 
-def test_checkpoint_copied_elsewhere_still_finds_its_tokenizer(run, tmp_path):
-    # the checkpoint carries its config (data paths included): no config.json is needed beside it
+def test_checkpoint_copied_elsewhere_needs_its_tokenizer_named(run, tmp_path, capsys):
+    # the checkpoint carries its model config: no config.json is needed beside it, but the tokenizer is
+    # not guessed from the paths the config recorded: the error names the flag, and the flag works
     (tmp_path / "checkpoint_10.pt").write_bytes((run / "checkpoint_10.pt").read_bytes())
-    model, config, path = load_model(tmp_path)
-    assert find_tokenizer(config, path).encode(PROMPT) == Tokenizer.from_dir(
-        run.parent / "data" / "tiny_tokenizer"
-    ).encode(PROMPT)
-    with pytest.raises(FileNotFoundError, match="pass --tokenizer"):  # a config that names no data
-        find_tokenizer({**config, "train_data": None, "tokenizer_dir": None}, path)
+    argv = ["--checkpoint", str(tmp_path), "--prompt", PROMPT, "--max-new-tokens", "4", "--device", "cpu"]
+    with pytest.raises(SystemExit) as exit:
+        generate_main(argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "--tokenizer DIR" in err and len(err.strip().splitlines()) == 1, err
+    generate_main([*argv, "--tokenizer", str(run / "tokenizer"), "--seed", "0", "--threads", "1"])
+    assert capsys.readouterr().out.startswith(PROMPT)
 
 
-def test_plot_cli_writes_a_png_of_the_expected_size(run, tmp_path):
-    out = tmp_path / "curves.png"
-    proc = cli("plot", run, "--out", out, "--log-y", "--title", "tiny run")
+def test_plot_cli_writes_a_png_of_the_expected_size_into_the_run(run):
+    proc = cli("plot", run, "--log-y", "--smooth", "0.9")
     assert proc.returncode == 0, proc.stderr
+    out = run / "curves.png"
+    assert proc.stdout == f"wrote {out}\n" and proc.stderr == "", (proc.stdout, proc.stderr)
     width, height = png_size(out)
     assert (width, height) == (round(FIGSIZE[0] * 100), round(FIGSIZE[1] * 100))
     assert mpimg.imread(out).shape[:2] == (height, width)  # and it decodes
-    with pytest.raises(SystemExit) as exit:  # bad input, in-process (the notebook tests the others)
-        plot_main([str(tmp_path / "nope"), "--out", str(out)])
-    assert exit.value.code == 2
