@@ -156,7 +156,7 @@ class TransformerLM(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict, device=None, dtype=None) -> "TransformerLM":
-        """The model a config describes; keys outside `MODEL_KEYS` are ignored, a missing required one is a ValueError."""
+        """The model a config describes; keys outside `MODEL_KEYS` are ignored, a missing required one raises."""
         missing = [key for key in REQUIRED_MODEL_KEYS if config.get(key) is None]
         if missing:
             raise ValueError(
