@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from cs336_nb.model import TransformerLM
+from cs336_nb.runtime import MALLOC_TUNABLES
 from cs336_nb.train import main
 
 VOCAB = 64
@@ -53,9 +54,11 @@ def flags(**kw) -> list[str]:
 def train_cli(args: list[str], cwd: Path, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
     """Run the training CLI in a subprocess; W&B offline unless the environment says otherwise."""
     # W&B offline here too: module fixtures run before conftest's; one thread: tiny models, shared CI cores
+    # the malloc tuning set here, so the CLI need not re-exec itself (tests/test_faults_train.py checks that it does)
     env = {
         "WANDB_MODE": "offline",
         "WANDB_SILENT": "true",
+        "GLIBC_TUNABLES": MALLOC_TUNABLES,
         **os.environ,
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": "1",
@@ -180,7 +183,7 @@ def test_output_format(full, work):
     assert iters[0].startswith("iter      0 | loss ") and "| lr 0.00e+00 |" in iters[0]
     evals = [line for line in lines if line.startswith("[EVAL]")]
     assert [
-        re.fullmatch(r"\[EVAL\] iter +(\d+) \| val_loss \d+\.\d{4} \| val_ppl \d+\.\d{2}", l).group(1) for l in evals
+        re.fullmatch(r"\[EVAL\] iter +(\d+) \| val_loss \d+\.\d{4} \| val_ppl \d+\.\d{2}", e).group(1) for e in evals
     ] == ["4", "8"]
     saved = [line for line in lines if line.startswith("[CHECKPOINT]")]
     assert saved == [f"[CHECKPOINT] Saved to {work / 'full' / f'checkpoint_{i}.pt'}" for i in (4, 8)]
@@ -218,16 +221,19 @@ def test_metrics_file(full, work):
 
     assert all(math.isclose(r["lr"], lr(r["step"]), rel_tol=1e-12, abs_tol=1e-15) for r in train)
     # the printed loss is the recorded one
-    printed = [float(re.search(r"loss (\S+)", l).group(1)) for l in full.stdout.splitlines() if l.startswith("iter ")]
+    printed = [float(re.search(r"loss (\S+)", x).group(1)) for x in full.stdout.splitlines() if x.startswith("iter ")]
     assert printed == [round(r["loss"], 4) for r in train]
 
 
 def test_checkpoint_contents(full, work):
     files = sorted(p.name for p in (work / "full").iterdir())
-    assert files == ["checkpoint_4.pt", "checkpoint_8.pt", "config.json", "metrics.jsonl"]  # keep_last 0 keeps all
+    assert files == [".lock", "checkpoint_4.pt", "checkpoint_8.pt", "config.json", "metrics.jsonl"]  # keep_last 0
+    assert (work / "full" / ".lock").read_text() == ""  # released
     ckpt = load(work / "full" / "checkpoint_8.pt")
-    assert {"model_state_dict", "optimizer_state_dict", "iteration", "config", "rng_state"} <= set(ckpt)
+    assert {"model_state_dict", "optimizer_state_dict", "iteration", "config", "rng_state", "run_id"} <= set(ckpt)
     assert ckpt["iteration"] == 8
+    assert ckpt["run_id"] == ckpt["config"]["run_id"] == load(work / "full" / "checkpoint_4.pt")["run_id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", ckpt["run_id"])
     reference = TransformerLM(**MODEL).state_dict()
     assert {k: tuple(v.shape) for k, v in ckpt["model_state_dict"].items()} == {
         k: tuple(v.shape) for k, v in reference.items()
@@ -263,7 +269,7 @@ def test_resume_auto_and_pruning(halves):
     assert halves["after_first"] == ["checkpoint_4.pt"]
     assert sorted(p.name for p in out.glob("checkpoint_*")) == ["checkpoint_8.pt"]  # keep_last 1 pruned 4
     assert f"Resumed from {out / 'checkpoint_4.pt'} at iteration 4" in halves["second"].stdout
-    iters = [l for l in halves["second"].stdout.splitlines() if l.startswith("iter ")]
+    iters = [x for x in halves["second"].stdout.splitlines() if x.startswith("iter ")]
     assert iters[0].startswith("iter      4 ")
     rows = metrics(out)  # appended: the first half's lines, then the resumed ones
     assert [(r["type"], r["step"]) for r in rows] == [("train", s) for s in range(4)] + [("eval", 4)] + [
@@ -334,7 +340,7 @@ def test_sigterm_saves_and_exits(work):
         max_iters=100_000,
         checkpoint_dir=out,
     )
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {"GLIBC_TUNABLES": MALLOC_TUNABLES, **os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "cs336_nb.train", *args],
         cwd=work,
@@ -367,9 +373,10 @@ def test_sigterm_saves_and_exits(work):
 
 
 def test_nan_loss_stops_without_saving(work):
-    """A learning rate of 1e30 blows the weights up at the first step with lr > 0, so the weights or the
-    loss of the next step are not finite. Checkpoints come every step: the test sees that the run stops
-    with one line, and that every checkpoint it left holds finite weights."""
+    """A learning rate of 1e30 blows the weights up at the first step with lr > 0, so the weights, their
+    validation loss or the loss of the next step are not finite. Checkpoints come every step: the run stops
+    with one line (exit 2: a setting to fix), and every checkpoint it left, the named one above all, holds
+    finite weights whose loss on validation tokens (computed here with torch's own cross-entropy) is finite."""
     out = work / "nan"
     proc = train_cli(
         flags(
@@ -383,21 +390,29 @@ def test_nan_loss_stops_without_saving(work):
         ),
         cwd=work,
     )
-    assert proc.returncode == 1, (proc.stdout[-2000:], proc.stderr[-2000:])
+    assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr
     found = re.search(
-        r"(loss is (nan|inf|-inf) at|weights are not finite after) iter (\d+): stopping without saving", err[0]
+        r"(loss is (nan|inf|-inf) at iter|weights are not finite after iter|the weights after iter) (\d+)"
+        r".*: stopping without saving; the last good checkpoint is (\S+) \(",
+        err[0],
     )
-    assert found, err[0]
-    bad = int(found.group(3))
+    assert found and err[0].startswith("train: error: "), err[0]
+    bad, named = int(found.group(3)), Path(found.group(4))
     losses = train_losses(out)
     assert all(math.isfinite(v) for v in losses.values()) and max(losses) < bad  # only good steps recorded
     saved = {int(p.stem.split("_")[1]): p for p in out.glob("checkpoint_*.pt")}
-    assert max(saved) == bad - 1  # the step before is the last saved
-    assert f"the last good checkpoint is {saved[bad - 1]}" in err[0]
+    assert named == saved[max(saved)] and max(saved) <= bad
+    x = torch.from_numpy(np.load(work / "val.npy")[:33].astype(np.int64))
     for p in saved.values():
-        assert all(torch.isfinite(v).all() for v in load(p)["model_state_dict"].values()), p
+        state = load(p)["model_state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values()), p
+        model = TransformerLM(**MODEL)
+        model.load_state_dict(state)
+        with torch.no_grad():
+            logits = model(x[None, :16])
+        assert torch.isfinite(torch.nn.functional.cross_entropy(logits[0], x[1:17])), p
 
 
 # --- bad input ------------------------------------------------------------------------------------
@@ -458,7 +473,7 @@ def test_bad_input_one_line_exit_2(case, work, bad_files, full, capsys):
         main(argv)
     assert exit.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert len(err) == 1 and err[0].startswith("train: error: "), err
     assert words in err[0], err[0]
 
 
@@ -478,7 +493,9 @@ def test_bad_input_from_the_real_command_line(tmp_path):
     (tmp_path / "c.json").write_text('{"batch_sise": 4}')
     proc = train_cli(["--config", str(tmp_path / "c.json")], cwd=tmp_path)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == f"error: unknown key 'batch_sise' in {tmp_path / 'c.json'} (did you mean 'batch_size'?)\n"
+    assert (
+        proc.stderr == f"train: error: unknown key 'batch_sise' in {tmp_path / 'c.json'} (did you mean 'batch_size'?)\n"
+    )
 
 
 @pytest.mark.parametrize(

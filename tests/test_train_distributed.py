@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from cs336_nb.runtime import MALLOC_TUNABLES
+
 VOCAB = 64
 SETTINGS = dict(
     vocab_size=VOCAB,
@@ -41,17 +43,24 @@ SETTINGS = dict(
 )
 
 
-def _env() -> dict:
-    return {
+def _env(malloc_tuned: bool = True) -> dict:
+    """GLIBC_TUNABLES set: the CLI need not re-exec itself. The first 2-process run leaves it unset, so each
+    worker re-executes itself with the malloc tuning under torchrun, and its Device line must say so."""
+    env = {
         "WANDB_MODE": "offline",
         **os.environ,
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": "1",
         "PYTHONFAULTHANDLER": "1",
+        "GLIBC_TUNABLES": MALLOC_TUNABLES,
     }
+    if not malloc_tuned:
+        del env["GLIBC_TUNABLES"]
+        env.pop("CS336_MALLOC_TUNING", None)
+    return env
 
 
-def run(args: list[str], cwd: Path, nproc: int = 1) -> subprocess.CompletedProcess:
+def run(args: list[str], cwd: Path, nproc: int = 1, malloc_tuned: bool = True) -> subprocess.CompletedProcess:
     """The training CLI, alone or under `torchrun --standalone --nproc_per_node nproc`."""
     launcher = (
         [sys.executable, "-m", "cs336_nb.train"]
@@ -71,7 +80,7 @@ def run(args: list[str], cwd: Path, nproc: int = 1) -> subprocess.CompletedProce
     proc = subprocess.Popen(
         launcher + args,
         cwd=cwd,
-        env=_env(),
+        env=_env(malloc_tuned),
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -115,8 +124,8 @@ def runs(tmp_path_factory) -> dict:
     base = ["--config", str(d / "config.json")]
     out = {"dir": d}
     out["single"] = run(base + ["--max-iters", "6", "--checkpoint-dir", str(d / "single")], d)
-    out["ddp"] = run(base + ["--max-iters", "4", "--checkpoint-dir", str(d / "ddp")], d, nproc=2)
-    out["ddp_files"] = sorted(p.name for p in (d / "ddp").iterdir())
+    out["ddp"] = run(base + ["--max-iters", "4", "--checkpoint-dir", str(d / "ddp")], d, nproc=2, malloc_tuned=False)
+    out["ddp_files"] = sorted(p.name for p in (d / "ddp").iterdir() if p.name != ".lock")
     shutil.copytree(d / "ddp", d / "ddp_to_single")
     out["resumed"] = run(
         base + ["--max-iters", "6", "--checkpoint-dir", str(d / "ddp"), "--resume", "auto"], d, nproc=2
@@ -139,13 +148,14 @@ def test_two_processes_equal_grad_accumulation(runs):
     _close(first(losses(d / "ddp_to_single"), 3), first(losses(d / "single"), 3))  # the 2-process steps 0-3
     _close(first(val_losses(d / "ddp_to_single"), 4), first(val_losses(d / "single"), 4))
     assert "world size 2" in runs["ddp"].stdout and "tokens per step 128" in runs["ddp"].stdout
+    assert "| malloc tuned" in runs["ddp"].stdout  # each torchrun worker re-executed itself with the tuning
 
 
 def test_only_rank_zero_prints_and_writes(runs):
     out = runs["ddp"].stdout
     assert out.count("Training Configuration") == 1
-    iters = [l for l in out.splitlines() if l.startswith("iter ")]
-    assert [int(l.split("|")[0].split()[1]) for l in iters] == [0, 1, 2, 3]
+    iters = [x for x in out.splitlines() if x.startswith("iter ")]
+    assert [int(x.split("|")[0].split()[1]) for x in iters] == [0, 1, 2, 3]
     assert out.count("[CHECKPOINT] Saved") == 2 and out.count("[EVAL]") == 2
     assert runs["ddp_files"] == ["checkpoint_2.pt", "checkpoint_4.pt", "config.json", "metrics.jsonl"]
     steps = [(r["type"], r["step"]) for r in metrics(runs["dir"] / "ddp")]
