@@ -7,6 +7,8 @@ __all__ = ['META_VERSION', 'DatasetExistsError', 'stdlib_corpus', 'prepare', 'ma
 
 # %% ../nbs/07_prepare.ipynb #e9a4bd66
 import argparse
+import codecs
+import fcntl
 import hashlib
 import json
 import os
@@ -20,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .tokenizer import Tokenizer, train_bpe
+from .runtime import atomic_write_json, run_cli, set_threads
+from .tokenizer import Tokenizer, _next_cut, train_bpe
 
 # %% ../nbs/07_prepare.ipynb #4b9ff5c2
 class DatasetExistsError(ValueError):
@@ -36,21 +39,70 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _hash_text(path: Path) -> str:
+    """SHA-256 of a text file, checking on the way that it is UTF-8."""
+    h, decoder, pos = hashlib.sha256(), codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(1 << 20)
+            h.update(block)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path} is not UTF-8 text ({e.reason} near byte {pos + e.start:,}): give a UTF-8 text file"
+                ) from None
+            if not block:
+                return h.hexdigest()
+            pos += len(block)
+
+
 def _check_text(path, what: str) -> Path:
-    """The path of an existing, non-empty text file, or a one-line error saying what is wrong."""
+    """The path of an existing, non-empty regular file, or a one-line error saying what is wrong."""
     path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{what} not found: {path} (check the path)")
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder, not a text file")
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise ValueError(f"{what} {path} is not a regular file: give a text file")
     if path.stat().st_size == 0:
-        raise ValueError(f"{what} is empty: {path}")
+        raise ValueError(f"{what} is empty: {path} (give a file with text in it)")
     return path
 
+
+def _check_name(name: str) -> str:
+    """A dataset name that is a plain file name, so every output stays inside the output folder."""
+    if (
+        not name
+        or name != Path(name).name
+        or name in (".", "..")
+        or name.startswith(".")
+        or "\\" in name
+        or "\0" in name
+    ):
+        raise ValueError(
+            f"--name {name!r} must be a plain file name, not a path (the files go in --out-dir): e.g. --name tinystories"
+        )
+    return name
+
+
+def _check_special_tokens(special_tokens) -> list[str]:
+    """The special tokens without repeats; an empty one is an error (it would match everywhere)."""
+    special_tokens = list(dict.fromkeys(special_tokens or []))
+    if any(not isinstance(s, str) or not s for s in special_tokens):
+        raise ValueError(
+            "--special-tokens: an empty special token would match everywhere "
+            '(for no special tokens give "--special-tokens" with no value)'
+        )
+    return special_tokens
+
 # %% ../nbs/07_prepare.ipynb #4b21f132
-def _find_after(path: Path, start: int, needle: bytes) -> int | None:
-    """Offset just past the first `needle` at or after byte `start`, or None."""
+def _find_after(path: Path, start: int, needle: bytes, stop: int | None = None) -> int | None:
+    """Offset just past the first `needle` found at or after byte `start` (looking no further than `stop`), or None."""
     with open(path, "rb") as f:
         pos = start
-        while True:
+        while stop is None or pos < stop:
             f.seek(pos)
             block = f.read(1 << 20)
             if len(block) < len(needle):
@@ -59,18 +111,19 @@ def _find_after(path: Path, start: int, needle: bytes) -> int | None:
             if j >= 0:
                 return pos + j + len(needle)
             pos += len(block) - len(needle) + 1
+    return None
 
 
-def _find_before(path: Path, end: int, needle: bytes) -> int | None:
-    """Offset just past the last `needle` lying wholly before byte `end`, or None."""
+def _find_before(path: Path, end: int, needle: bytes, stop: int = 0) -> int | None:
+    """Offset just past the last `needle` lying wholly before byte `end` (looking back no further than `stop`), or None."""
     with open(path, "rb") as f:
-        while end >= len(needle):
-            start = max(0, end - (1 << 20))
+        while end >= len(needle) and end > stop:
+            start = max(0, stop, end - (1 << 20))
             f.seek(start)
             j = f.read(end - start).rfind(needle)
             if j >= 0:
                 return start + j + len(needle)
-            if start == 0:
+            if start == max(0, stop):
                 return None
             end = start + len(needle) - 1
     return None
@@ -84,23 +137,47 @@ def _has_text(path: Path, start: int) -> bool:
     return bool(block.strip()) or len(block) == 1 << 20
 
 
-def _holdout_cut(path: Path, val_fraction: float, special_tokens: list[str]) -> int:
-    """Byte offset where the held-out validation tail starts: the boundary nearest to (1 - f) * size."""
+def _char_start(path: Path, pos: int) -> int:
+    """The first UTF-8 character boundary at or after byte `pos` (skips continuation bytes)."""
+    with open(path, "rb") as f:
+        f.seek(pos)
+        head = f.read(4)
+    return pos + next((i for i, b in enumerate(head) if b & 0xC0 != 0x80), len(head))
+
+
+def _holdout_cut(path: Path, val_fraction: float, special_tokens: list[str]) -> tuple[int, str | None]:
+    """Byte offset where the held-out tail starts, and a note when that is not a document boundary."""
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be between 0 and 1, not {val_fraction}")
+        raise ValueError(f"--val-fraction must be between 0 and 1, not {val_fraction}")
     size = path.stat().st_size
     target = int(size * (1 - val_fraction))
-    for needle in [s.encode("utf-8") for s in special_tokens] + [b"\n"]:  # documents first, then lines
-        cuts = [
-            c
-            for c in (_find_after(path, target, needle), _find_before(path, target, needle))
-            if c is not None and 0 < c and _has_text(path, c)
-        ]
-        if cuts:
-            return min(cuts, key=lambda c: abs(c - target))
+    slack = (size - target) // 2  # the held-out share may be off by half of itself, not more
+    ok = lambda c: c is not None and 0 < c < size and abs(c - target) <= slack and _has_text(path, c)
+    near = lambda n: [
+        _find_after(path, target, n, target + slack + 1),
+        _find_before(path, target, n, target - slack - len(n)),
+    ]
+    with open(path, "rb") as f:
+        word = _next_cut(f, target, size, [])
+    kinds = [
+        ("document", [c for s in special_tokens for c in near(s.encode("utf-8"))]),
+        ("line", near(b"\n")),
+        ("word", [word]),
+        ("character", [_char_start(path, target)]),
+    ]
+    for kind, found in kinds:
+        cuts = [c for c in found if ok(c)]
+        if not cuts:
+            continue
+        cut = min(cuts, key=lambda c: abs(c - target))
+        if kind == "document":
+            return cut, None
+        why = f"no document boundary ({', '.join(special_tokens)}) within {slack:,} bytes of byte {target:,}"
+        if not special_tokens:
+            why = "no special token marks documents"
+        return cut, f"{why}: held out the last {size - cut:,} bytes ({(size - cut) / size:.2%}) from a {kind} boundary"
     raise ValueError(
-        f"can not hold out a validation split: no document or line boundary in the last {val_fraction:.0%} "
-        f"of {path}; pass --val-text or a larger --val-fraction"
+        f"can not hold out {val_fraction:g} of {path}: its last part is blank; pass --val-text or another --val-fraction"
     )
 
 # %% ../nbs/07_prepare.ipynb #d758d2b2
@@ -130,7 +207,7 @@ _HEADER_BYTES = 128  # magic (6) + version (2) + length (2) + padded dict: a mul
 
 def _npy_header(dtype: np.dtype, n: int) -> bytes:
     """A version-1.0 .npy header for a 1-D array of `n` items, padded to `_HEADER_BYTES`."""
-    d = "{'descr': '%s', 'fortran_order': False, 'shape': (%d,), }" % (np.dtype(dtype).str, n)
+    d = f"{{'descr': '{np.dtype(dtype).str}', 'fortran_order': False, 'shape': ({n},), }}"
     return (
         b"\x93NUMPY\x01\x00"
         + (_HEADER_BYTES - 10).to_bytes(2, "little")
@@ -218,8 +295,109 @@ def stdlib_corpus(
         paths.append(path)
     return paths[0], paths[1]
 
+# %% ../nbs/07_prepare.ipynb #ffd136a3
+class _NameLock:
+    """One `prepare` at a time per dataset: an exclusive `flock` on `OUT/.NAME.lock`."""
+
+    def __init__(self, out: Path, name: str):
+        self.path, self.name, self.fd = out / f".{name}.lock", name, None
+
+    def __enter__(self) -> "_NameLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(
+                f"another prepare (pid {holder}) is writing {self.name} in {self.path.parent}: "
+                f"wait for it to finish, or choose another --name"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.ftruncate(self.fd, 0)
+        os.close(self.fd)  # closing drops the lock
+
+# %% ../nbs/07_prepare.ipynb #c7db3bfc
+_TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens.json")
+
+
+def _sources(train_text, val_text, corpus, out: Path, name: str, max_bytes) -> tuple[Path, Path | None, int | None]:
+    """The training and validation text files (writing the built-in corpus if asked), and the BPE byte cap."""
+    if corpus is None:
+        train_path = _check_text(train_text, "training text")
+        return train_path, None if val_text is None else _check_text(val_text, "validation text"), max_bytes
+    if corpus != "stdlib":
+        raise ValueError(f"unknown corpus {corpus!r}: the built-in corpus is 'stdlib'")
+    if val_text is not None:
+        raise ValueError("--corpus stdlib makes its own validation split: drop --val-text")
+    train_path, val_path = stdlib_corpus(out, name, max_bytes)
+    return train_path, val_path, None  # max_bytes already capped the corpus
+
+
+def _given_tokenizer(tokenizer_dir, vocab_size: int, special_tokens: list[str]):
+    """(tokenizer or None, vocab size, special tokens): a tokenizer folder given by the user fixes the last two."""
+    if tokenizer_dir is None:
+        if vocab_size < 256 + len(special_tokens):
+            raise ValueError(
+                f"--vocab-size {vocab_size} is too small: it needs 256 (bytes) + {len(special_tokens)} "
+                "(special tokens) at least"
+            )
+        return None, vocab_size, special_tokens
+    d = Path(tokenizer_dir)
+    if not d.is_dir():
+        raise ValueError(f"--tokenizer-dir {d} is not a folder (give a folder written by Tokenizer.save or prepare)")
+    for f in _TOKENIZER_FILES:
+        if not (d / f).is_file():
+            raise ValueError(f"no tokenizer in {d}: {f} is missing (write one with Tokenizer.save)")
+    try:
+        tok = Tokenizer.from_dir(d)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"can not read the tokenizer in {d} ({type(e).__name__}: {e}): is it damaged?") from None
+    return tok, max(tok.vocab) + 1, tok.special_tokens  # ids run 0..vocab_size-1
+
+
+def _plan_splits(
+    train_path: Path, val_path: Path | None, val_fraction: float, special_tokens
+) -> tuple[dict, str | None]:
+    """Each split as a byte range `(path, start, end)`, and a note about the held-out cut (or None)."""
+    if val_path is not None:
+        return {
+            "train": (train_path, 0, train_path.stat().st_size),
+            "val": (val_path, 0, val_path.stat().st_size),
+        }, None
+    cut, note = _holdout_cut(train_path, val_fraction, special_tokens)
+    return {"train": (train_path, 0, cut), "val": (train_path, cut, train_path.stat().st_size)}, note
+
 # %% ../nbs/07_prepare.ipynb #80c12e8e
 META_VERSION = 1
+
+
+def _read_meta(meta_path: Path) -> dict | None:
+    """The metadata in `meta_path`, None if there is none, or a one-line error if it is damaged."""
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        ok = isinstance(meta, dict) and all(isinstance(meta.get(k), dict) for k in ("settings", "sources", "stages"))
+        ok = ok and all(isinstance(v, dict) for v in meta["sources"].values())
+    except (ValueError, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{meta_path} is damaged (not prepare's metadata): delete it to prepare again, or use another --name"
+        )
+    return meta
+
+
+def _same_dataset(old: dict, meta: dict) -> bool:
+    """Whether two metadata dicts describe the same sources (size and hash) and settings."""
+    key = lambda m: {s: (v.get("bytes"), v.get("sha256")) for s, v in m["sources"].items()}
+    return old.get("version") == META_VERSION and old["settings"] == meta["settings"] and key(old) == key(meta)
 
 
 def _verify(out: Path, meta: dict, stage: str) -> bool:
@@ -229,35 +407,123 @@ def _verify(out: Path, meta: dict, stage: str) -> bool:
         return False
     try:
         if stage == "tokenizer":
-            return all(_sha256(out / meta["tokenizer_dir_name"] / f) == h for f, h in done["sha256"].items())
+            return all(_sha256(out / f"{meta['name']}_tokenizer" / f) == h for f, h in done["sha256"].items())
         arr = np.load(out / done["file"], mmap_mode="r")
         return arr.shape == (done["tokens"],) and arr.dtype == np.dtype(meta["dtype"])
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
-
+# %% ../nbs/07_prepare.ipynb #7e8d0ec4
 def _encode_split(
     tok: Tokenizer, path: Path, start: int, end: int, dest: Path, dtype, progress: bool, label: str
 ) -> int:
     """Stream bytes [start, end) of `path` through the tokenizer into `dest` (via a .partial file); return the token count."""
     part = dest.with_name(dest.name + ".partial")
-    writer = _NpyWriter(part, dtype)
-    with tqdm(
-        total=end - start,
-        unit="B",
-        unit_scale=True,
-        desc=f"encode {label}",
-        file=sys.stderr,
-        disable=not progress,
-        mininterval=1.0,
-    ) as bar:
-        for ids in tok.encode_chunks(_read_text(path, start, end, bar), chunk_chars=1 << 20):
-            writer.extend(ids)
-    n = writer.close()
+    try:
+        writer = _NpyWriter(part, dtype)
+        bar = tqdm(
+            total=end - start, unit="B", unit_scale=True, desc=f"encode {label}", file=sys.stderr, disable=not progress
+        )
+        with bar:
+            for ids in tok.encode_chunks(_read_text(path, start, end, bar), chunk_chars=1 << 20):
+                writer.extend(ids)
+        n = writer.close()
+    except BaseException:
+        part.unlink(missing_ok=True)  # a full disk or Ctrl-C leaves no half-written array behind
+        raise
     part.replace(dest)
     return n
 
+
+def _tokenizer_stage(out: Path, meta: dict, tok, train_split, bpe_bytes, workers, say) -> Tokenizer:
+    """Reuse the verified tokenizer, or save the given one, or train one on the training split."""
+    tok_dir, meta_path = out / f"{meta['name']}_tokenizer", out / f"{meta['name']}_meta.json"
+    if _verify(out, meta, "tokenizer"):
+        say(f"reusing the tokenizer in {tok_dir}")
+        return Tokenizer.from_dir(tok_dir)
+    if tok is None:
+        path, _, end = train_split
+        limit = end if bpe_bytes is None else min(end, bpe_bytes)
+        say(
+            f"training BPE (vocab {meta['vocab_size']:,}) on {limit / 1e6:.1f} MB of {path} with {workers or 1} process(es)"
+        )
+        t0 = time.perf_counter()
+        vocab, merges = train_bpe(
+            path, meta["vocab_size"], meta["special_tokens"], max_bytes=limit, num_processes=workers
+        )
+        tok = Tokenizer(vocab, merges, meta["special_tokens"])
+        say(f"trained {len(merges):,} merges in {time.perf_counter() - t0:.1f} s")
+    part = tok_dir.with_name(tok_dir.name + ".partial")
+    shutil.rmtree(part, ignore_errors=True)
+    tok.save(part)
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    part.replace(tok_dir)
+    meta["stages"]["tokenizer"] = {"sha256": {f: _sha256(tok_dir / f) for f in _TOKENIZER_FILES}}
+    atomic_write_json(meta_path, meta)
+    return tok
+
+
+def _array_stages(out: Path, meta: dict, tok: Tokenizer, splits: dict, progress: bool, say) -> None:
+    """Encode each split whose array does not verify; record each in the metadata as it finishes."""
+    for split, (path, start, end) in splits.items():
+        dest = out / f"{meta['name']}_{split}.{meta['dtype']}.npy"
+        meta[f"{split}_path"] = str(dest.resolve())
+        if _verify(out, meta, split):
+            say(f"reusing {dest}")
+        else:
+            n = _encode_split(tok, path, start, end, dest, meta["dtype"], progress, split)
+            meta["stages"][split] = {"file": dest.name, "tokens": n}
+            atomic_write_json(out / f"{meta['name']}_meta.json", meta)
+        meta[f"{split}_tokens"] = meta["stages"][split]["tokens"]
+
 # %% ../nbs/07_prepare.ipynb #1024feaf
+def _new_meta(
+    name: str, out: Path, splits: dict, vocab_size: int, special_tokens, max_bytes, corpus, tokenizer_dir
+) -> dict:
+    """The metadata of a dataset before any stage has run: sources, settings, and where the outputs go."""
+    hashes = {p: _hash_text(p) for p in {p for p, _, _ in splits.values()}}  # one read per file
+    settings = {
+        "vocab_size": vocab_size,
+        "special_tokens": special_tokens,
+        "max_bytes": max_bytes,
+        "corpus": corpus,
+        "split": {s: [a, b] for s, (_, a, b) in splits.items()},
+        "tokenizer": None if tokenizer_dir is None else {f: _sha256(Path(tokenizer_dir) / f) for f in _TOKENIZER_FILES},
+    }
+    return {
+        "version": META_VERSION,
+        "name": name,
+        "complete": False,
+        "sources": {
+            s: {"path": str(p), "bytes": p.stat().st_size, "sha256": hashes[p]} for s, (p, _, _) in splits.items()
+        },
+        "settings": settings,
+        "stages": {},
+        "vocab_size": vocab_size,
+        "special_tokens": special_tokens,
+        "dtype": "uint16" if vocab_size <= 1 << 16 else "uint32",
+        "tokenizer_dir": str((out / f"{name}_tokenizer").resolve()),
+    }
+
+
+def _resume(out: Path, meta: dict, say) -> dict | None:
+    """Carry over the stages of an earlier run of this dataset; return its metadata if nothing is left to do."""
+    meta_path = out / f"{meta['name']}_meta.json"
+    old = _read_meta(meta_path)
+    if old is None:
+        return None
+    if not _same_dataset(old, meta):
+        raise DatasetExistsError(
+            f"{meta_path} describes a different dataset (other sources or settings): "
+            "choose another --name or --out-dir, or delete that dataset's files"
+        )
+    if old.get("complete") and all(_verify(out, old, s) for s in ("tokenizer", "train", "val")):
+        say(f"{meta['name']} in {out} is up to date (sources and settings unchanged, outputs verified): nothing to do")
+        return old
+    meta["stages"] = old["stages"]
+    return None
+
+
 def prepare(
     train_text: str | os.PathLike | None = None,
     val_text: str | os.PathLike | None = None,
@@ -271,129 +537,37 @@ def prepare(
     max_bytes: int | None = None,
     val_fraction: float = 0.01,
     progress: bool = True,
+    num_processes: int | None = None,
 ) -> dict:
     """Tokenize a text corpus into `{out_dir}/{name}_{train,val}.{dtype}.npy`; return the metadata dict."""
     t_start, out = time.perf_counter(), Path(out_dir)
-    say = lambda msg: print(f"prepare: {msg}", file=sys.stderr, flush=True)
-    special_tokens = list(dict.fromkeys(special_tokens or []))
-    # 1) inputs
+    say = lambda msg: print(f"prepare: {msg}", flush=True)
     if (train_text is None) == (corpus is None):
         raise ValueError("give exactly one of --train-text PATH or --corpus stdlib")
-    if corpus is not None:
-        if corpus != "stdlib":
-            raise ValueError(f"unknown corpus {corpus!r}: the built-in corpus is 'stdlib'")
-        if val_text is not None:
-            raise ValueError("--corpus stdlib makes its own validation split: drop --val-text")
-        name = name or "pystdlib"
-        train_text, val_text = stdlib_corpus(out, name, max_bytes)
-        bpe_bytes = None  # max_bytes already capped the corpus
-    else:
-        bpe_bytes = max_bytes
-    train_path = _check_text(train_text, "training text")
-    val_path = _check_text(val_text, "validation text") if val_text is not None else None
-    name = name or train_path.stem
-    tok = None
-    if tokenizer_dir is not None:
-        tok = Tokenizer.from_dir(tokenizer_dir)
-        vocab_size, special_tokens = max(tok.vocab) + 1, tok.special_tokens  # ids run 0..vocab_size-1
-    elif vocab_size < 256 + len(special_tokens):
-        raise ValueError(
-            f"--vocab-size {vocab_size} is too small: it needs 256 (bytes) + {len(special_tokens)} (special tokens) at least"
-        )
-    dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
-    # 2) splits as byte ranges: (path, start, end)
-    if val_path is None:
-        cut = _holdout_cut(train_path, val_fraction, special_tokens)
-        splits = {"train": (train_path, 0, cut), "val": (train_path, cut, train_path.stat().st_size)}
-    else:
-        splits = {"train": (train_path, 0, train_path.stat().st_size), "val": (val_path, 0, val_path.stat().st_size)}
-    sources = {s: {"path": str(p), "bytes": p.stat().st_size, "sha256": _sha256(p)} for s, (p, _, _) in splits.items()}
-    settings = {
-        "vocab_size": vocab_size,
-        "special_tokens": special_tokens,
-        "max_bytes": bpe_bytes,
-        "corpus": corpus,
-        "split": {s: [a, b] for s, (_, a, b) in splits.items()},
-        "tokenizer": None
-        if tokenizer_dir is None
-        else {f: _sha256(Path(tokenizer_dir) / f) for f in ("vocab.json", "merges.txt", "special_tokens.json")},
-    }
-    # 3) compare with what is there
-    meta_path = out / f"{name}_meta.json"
-    meta = {
-        "version": META_VERSION,
-        "name": name,
-        "complete": False,
-        "sources": sources,
-        "settings": settings,
-        "stages": {},
-    }
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text(encoding="utf-8"))
-        if (
-            old.get("version") != META_VERSION
-            or old.get("settings") != settings
-            or {s: (v["bytes"], v["sha256"]) for s, v in old.get("sources", {}).items()}
-            != {s: (v["bytes"], v["sha256"]) for s, v in sources.items()}
-        ):
-            raise DatasetExistsError(
-                f"{meta_path} describes a different dataset (other sources or settings): "
-                f"choose another --name or --out-dir, or delete that dataset's files"
-            )
-        stages = old.get("stages", {})
-        meta["stages"] = stages
-        if old.get("complete") and all(_verify(out, old, s) for s in ("tokenizer", "train", "val")):
-            say(f"{name} in {out} is up to date (sources and settings unchanged, outputs verified): nothing to do")
-            return old
+    special_tokens = _check_special_tokens(special_tokens)
+    name = _check_name(name or ("pystdlib" if corpus else Path(train_text).stem))
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out-dir {out} is a file, not a folder: choose another --out-dir")
     out.mkdir(parents=True, exist_ok=True)
-    meta.update(
-        vocab_size=vocab_size,
-        special_tokens=special_tokens,
-        dtype=dtype,
-        tokenizer_dir_name=f"{name}_tokenizer",
-        tokenizer_dir=str(out / f"{name}_tokenizer"),
-    )
-    write_meta = lambda: meta_path.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    # 4) tokenizer: trained, loaded, or kept from an earlier run
-    tok_dir = out / f"{name}_tokenizer"
-    if _verify(out, meta, "tokenizer"):
-        say(f"reusing the tokenizer in {tok_dir}")
-        tok = Tokenizer.from_dir(tok_dir)
-    else:
-        if tok is None:
-            p, a, b = splits["train"]
-            limit = b if bpe_bytes is None else min(b, bpe_bytes)
-            say(f"training BPE (vocab {vocab_size:,}) on {limit / 1e6:.1f} MB of {p}")
-            t0 = time.perf_counter()
-            vocab, merges = train_bpe(p, vocab_size, special_tokens, max_bytes=limit)
-            tok = Tokenizer(vocab, merges, special_tokens)
-            say(f"trained in {time.perf_counter() - t0:.1f} s")
-        part = tok_dir.with_name(tok_dir.name + ".partial")
-        shutil.rmtree(part, ignore_errors=True)
-        tok.save(part)
-        shutil.rmtree(tok_dir, ignore_errors=True)
-        part.replace(tok_dir)
-        meta["stages"]["tokenizer"] = {
-            "sha256": {f: _sha256(tok_dir / f) for f in ("vocab.json", "merges.txt", "special_tokens.json")}
-        }
-        write_meta()
-    # 5) token arrays
-    for split, (p, a, b) in splits.items():
-        dest = out / f"{name}_{split}.{dtype}.npy"
-        meta[f"{split}_path"] = str(dest)
-        if _verify(out, meta, split):
-            say(f"reusing {dest}")
-        else:
-            n = _encode_split(tok, p, a, b, dest, dtype, progress, split)
-            meta["stages"][split] = {"file": dest.name, "tokens": n}
-            write_meta()
-        meta[f"{split}_tokens"] = meta["stages"][split]["tokens"]
-    meta["complete"] = True
-    meta["seconds"] = round(time.perf_counter() - t_start, 2)
-    write_meta()
+    with _NameLock(out, name):
+        train_path, val_path, bpe_bytes = _sources(train_text, val_text, corpus, out, name, max_bytes)
+        tok, vocab_size, special_tokens = _given_tokenizer(tokenizer_dir, vocab_size, special_tokens)
+        splits, note = _plan_splits(train_path, val_path, val_fraction, special_tokens)
+        if note:
+            say(f"note: {note}")
+        meta = _new_meta(
+            name, out, splits, vocab_size, special_tokens, bpe_bytes, corpus, None if tok is None else tokenizer_dir
+        )
+        if (done := _resume(out, meta, say)) is not None:
+            return done
+        tok = _tokenizer_stage(out, meta, tok, splits["train"], bpe_bytes, num_processes, say)
+        _array_stages(out, meta, tok, splits, progress, say)
+        meta.update(complete=True, seconds=round(time.perf_counter() - t_start, 2))
+        atomic_write_json(out / f"{name}_meta.json", meta)
+    (_, a, b), (_, c, d) = splits["train"], splits["val"]
     say(
-        f"wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({dtype}, vocab {vocab_size:,}) "
-        f"to {out}/{name}_*  in {meta['seconds']:.1f} s"
+        f"wrote {meta['train_tokens']:,} train tokens ({(b - a) / 1e6:.1f} MB) and {meta['val_tokens']:,} val tokens "
+        f"({(d - c) / 1e6:.1f} MB) ({meta['dtype']}, vocab {vocab_size:,}) to {out}/{name}_* in {meta['seconds']:.1f} s"
     )
     return meta
 
@@ -404,14 +578,36 @@ def _parse_bytes(s: str) -> int:
     t = s.strip().upper().removesuffix("B")
     num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
     try:
-        return int(float(num) * units[unit])
+        n = int(float(num) * units[unit])
+    except (ValueError, OverflowError):
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive byte count: {s!r} (try 3000000 or 3MB)")
+    return n
+
+
+def _positive_int(s: str) -> int:
+    """An integer >= 1, for --threads and --vocab-size."""
+    try:
+        n = int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a byte count: {s!r} (try 3000000 or 3MB)") from None
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {s!r}")
+    return n
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Command-line entry point: `python -m cs336_nb.prepare --help`."""
-    p = argparse.ArgumentParser(
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line like every other error of this command."""
+
+    def error(self, message: str):
+        print(f"prepare: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line of `python -m cs336_nb.prepare`."""
+    p = _Parser(
         prog="python -m cs336_nb.prepare", description="Tokenize text into uint16/uint32 .npy arrays for training."
     )
     src = p.add_mutually_exclusive_group(required=True)
@@ -428,10 +624,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out-dir", default="data/tokenized", help="output folder (default data/tokenized)")
     p.add_argument("--name", help="dataset name, the file prefix (default: the training file's stem, or pystdlib)")
     p.add_argument(
-        "--vocab-size", type=int, default=10000, help="BPE vocabulary size, special tokens included (default 10000)"
+        "--vocab-size",
+        type=_positive_int,
+        default=10000,
+        help="BPE vocabulary size, special tokens included (default 10000)",
     )
     p.add_argument(
-        "--special-tokens", nargs="*", default=["<|endoftext|>"], help='special tokens (default "<|endoftext|>")'
+        "--special-tokens",
+        nargs="*",
+        default=["<|endoftext|>"],
+        help='special tokens (default "<|endoftext|>"; none: give the flag alone)',
     )
     p.add_argument("--tokenizer-dir", help="load this tokenizer (written by Tokenizer.save) instead of training one")
     p.add_argument(
@@ -439,25 +641,36 @@ def main(argv: list[str] | None = None) -> dict:
         type=_parse_bytes,
         help="train BPE on at most this many bytes (with --corpus stdlib: cap the corpus)",
     )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="processes counting pre-tokens for BPE (default: this machine's idle cores)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-    try:
-        return prepare(
-            args.train_text,
-            args.val_text,
-            corpus=args.corpus,
-            out_dir=args.out_dir,
-            name=args.name,
-            vocab_size=args.vocab_size,
-            special_tokens=args.special_tokens,
-            tokenizer_dir=args.tokenizer_dir,
-            max_bytes=args.max_bytes,
-            val_fraction=args.val_fraction,
-            progress=not args.no_progress,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        print(f"prepare: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return p
+
+
+def _run(args: argparse.Namespace) -> dict:
+    """Run `prepare` with the parsed command line."""
+    return prepare(
+        args.train_text,
+        args.val_text,
+        corpus=args.corpus,
+        out_dir=args.out_dir,
+        name=args.name,
+        vocab_size=args.vocab_size,
+        special_tokens=args.special_tokens,
+        tokenizer_dir=args.tokenizer_dir,
+        max_bytes=args.max_bytes,
+        val_fraction=args.val_fraction,
+        progress=not args.no_progress,
+        num_processes=set_threads(args.threads),
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Command-line entry point: `python -m cs336_nb.prepare --help`. Errors end in one line on stderr, exit 2."""
+    return run_cli("prepare", _run, _parser().parse_args(argv))
 
 # %% ../nbs/07_prepare.ipynb #e80974ed
 #| eval: false

@@ -1,18 +1,26 @@
-"""End-to-end checks of `python -m cs336_nb.prepare` in a subprocess: outputs, restart, one-line errors."""
+"""End-to-end checks of `python -m cs336_nb.prepare`: outputs, restart, one-line errors, and equal outputs
+for any number of BPE worker processes on texts whose chunk cuts are hard (no special token; a long last
+document)."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import numpy as np
-from conftest import ROOT, SHARED_DATA
+import pytest
+from conftest import DATA, ROOT
 
-STORY = SHARED_DATA / "tinystories_sample.txt"
+from cs336_nb.prepare import main, prepare
+from cs336_nb.tokenizer import Tokenizer
+
+STORY = DATA / "tinystories_sample.txt"
+EOT = "<|endoftext|>"
 
 
-def run(*args, cwd=ROOT):
+def run(*args, cwd=ROOT, timeout=120):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run(
         [sys.executable, "-m", "cs336_nb.prepare", *map(str, args)],
@@ -20,15 +28,18 @@ def run(*args, cwd=ROOT):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
 
 
 def test_prepare_writes_verifies_and_restarts(tmp_path):
     out = tmp_path / "tok"
-    r = run("--train-text", STORY, "--out-dir", out, "--name", "ts", "--vocab-size", 300, "--val-fraction", 0.2)
+    args = ["--train-text", STORY, "--out-dir", out, "--name", "ts", "--vocab-size", 300, "--val-fraction", 0.2]
+    r = run(*args, "--no-progress")
     assert r.returncode == 0, r.stderr
+    assert r.stderr == "", r.stderr  # progress and notes go to stdout; stderr is for errors
     assert sorted(p.name for p in out.iterdir()) == [
+        ".ts.lock",
         "ts_meta.json",
         "ts_tokenizer",
         "ts_train.uint16.npy",
@@ -38,21 +49,35 @@ def test_prepare_writes_verifies_and_restarts(tmp_path):
     train, val = np.load(out / "ts_train.uint16.npy"), np.load(out / "ts_val.uint16.npy")
     assert (meta["train_tokens"], meta["val_tokens"]) == (len(train), len(val)) and len(val) > 0
     assert meta["vocab_size"] == 300 and meta["dtype"] == "uint16" and train.max() < 300
-    from cs336_nb.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_dir(out / "ts_tokenizer")
+    assert meta["tokenizer_dir"] == str((out / "ts_tokenizer").resolve()) and "tokenizer_dir_name" not in meta
+    tok = Tokenizer.from_dir(meta["tokenizer_dir"])
     assert tok.decode(np.concatenate([train, val])) == STORY.read_text(encoding="utf-8")
-    # the same command again: verified and skipped, files untouched
+    # the same command again, from another folder: verified and skipped, files untouched
     stamp = (out / "ts_train.uint16.npy").stat().st_mtime_ns
-    r = run("--train-text", STORY, "--out-dir", out, "--name", "ts", "--vocab-size", 300, "--val-fraction", 0.2)
-    assert r.returncode == 0 and "nothing to do" in r.stderr, r.stderr
+    r = run(*args, cwd=tmp_path)
+    assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout + r.stderr
     assert (out / "ts_train.uint16.npy").stat().st_mtime_ns == stamp
     # a corrupted array is rebuilt identically
     (out / "ts_train.uint16.npy").write_bytes(b"garbage")
-    r = run("--train-text", STORY, "--out-dir", out, "--name", "ts", "--vocab-size", 300, "--val-fraction", 0.2)
+    r = run(*args)
     assert r.returncode == 0, r.stderr
     assert np.array_equal(np.load(out / "ts_train.uint16.npy"), train)
-    assert not list(out.glob("*.partial"))
+    assert not list(out.glob("*.partial")) and not list(out.glob("*.tmp"))
+
+
+def cli(*args) -> tuple[int, str]:
+    """Run the prepare CLI in this process (same code as `python -m`, without the start-up): exit code, stderr."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return code, err.getvalue()
 
 
 def test_prepare_errors_are_one_line_exit_2(tmp_path):
@@ -66,24 +91,78 @@ def test_prepare_errors_are_one_line_exit_2(tmp_path):
         (["--train-text", STORY, "--tokenizer-dir", tmp_path], "vocab.json is missing"),
     ]
     for args, message in cases:
-        r = run(*args, "--out-dir", tmp_path / "out")
-        assert r.returncode == 2, (args, r.stderr)
-        assert r.stderr.count("\n") == 1 and r.stderr.startswith("prepare: error:") and message in r.stderr, r.stderr
+        code, err = cli(*args, "--out-dir", tmp_path / "out")
+        assert code == 2, (args, err)
+        assert err.count("\n") == 1 and err.startswith("prepare: error:") and message in err, err
     # another dataset under the same name and folder is refused, and left alone
-    assert run("--train-text", STORY, "--out-dir", tmp_path / "out", "--vocab-size", 270).returncode == 0
-    r = run("--train-text", STORY, "--out-dir", tmp_path / "out", "--vocab-size", 280)
-    assert r.returncode == 2 and "different dataset" in r.stderr and "--name" in r.stderr, r.stderr
+    assert cli("--train-text", STORY, "--out-dir", tmp_path / "out", "--vocab-size", 270, "--no-progress")[0] == 0
+    code, err = cli("--train-text", STORY, "--out-dir", tmp_path / "out", "--vocab-size", 280)
+    assert code == 2 and "different dataset" in err and "--name" in err, err
     assert json.loads((tmp_path / "out" / "tinystories_sample_meta.json").read_text())["vocab_size"] == 270
 
 
 def test_stdlib_corpus_quick_start_size(tmp_path):
-    t0 = time.perf_counter()
     r = run("--corpus", "stdlib", "--out-dir", tmp_path, "--vocab-size", 1024, "--max-bytes", "1MB", "--no-progress")
-    seconds = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "pystdlib_meta.json").read_text())
     assert meta["train_tokens"] > 100_000 and meta["val_tokens"] > 1000
-    assert (tmp_path / "pystdlib_corpus_train.txt").stat().st_size + (
-        tmp_path / "pystdlib_corpus_val.txt"
-    ).stat().st_size <= 1_000_000
-    assert seconds < 60, seconds  # the quick start prepares 2-4 MB: this 1 MB run must be quick
+    sizes = [(tmp_path / f"pystdlib_corpus_{s}.txt").stat().st_size for s in ("train", "val")]
+    assert sum(sizes) <= 1_000_000
+
+
+# Texts of ~5 MB (more than the 4 MiB below which BPE counts in one process), built from the shipped data.
+# With 3 workers the pre-token count cuts the file near 1/3 and 2/3: in `no_special` there is no special
+# token to cut at, in `long_last` both points fall inside the last, 4.7 MB document. Both hung before the
+# cut search learned to stop at word ends.
+def _texts(folder: Path) -> dict[str, Path]:
+    en = (DATA / "corpus.en").read_text(encoding="utf-8")
+    stories = STORY.read_text(encoding="utf-8")
+    texts = {"no_special": en * 38, "long_last": stories * 60 + en * 36}
+    paths = {}
+    for name, text in texts.items():
+        paths[name] = folder / f"{name}.txt"
+        paths[name].write_text(text, encoding="utf-8")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def five_mb(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("five_mb")
+    return folder, _texts(folder)
+
+
+@pytest.fixture
+def alarm():
+    """Fail, instead of hanging forever, if a call in this process does not return within 120 s."""
+
+    def ring(*_):
+        raise TimeoutError("prepare did not finish within 120 s (a hang?)")
+
+    old = signal.signal(signal.SIGALRM, ring)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("text", ["no_special", "long_last"])
+def test_outputs_equal_for_any_number_of_workers(five_mb, text, capsys, alarm):
+    folder, paths = five_mb
+    size = paths[text].stat().st_size
+    assert size > 4 << 20
+    outs = {}
+    for workers in (1, 3):
+        out = folder / f"{text}_{workers}"
+        meta = prepare(paths[text], out_dir=out, name="d", vocab_size=300, progress=False, num_processes=workers)
+        outs[workers] = out
+    said = capsys.readouterr().out
+    for f in ("d_tokenizer/vocab.json", "d_tokenizer/merges.txt", "d_train.uint16.npy", "d_val.uint16.npy"):
+        assert (outs[1] / f).read_bytes() == (outs[3] / f).read_bytes(), f
+    # the held-out share is what was asked (1%, within half of itself), and a cut inside a document is announced
+    cut = meta["settings"]["split"]["val"][0]
+    assert 0.005 <= (size - cut) / size <= 0.015, cut / size
+    assert said.count("note: no document boundary") == 2, said
+    # the tokens decode back to the text
+    tok = Tokenizer.from_dir(meta["tokenizer_dir"])
+    val = np.load(meta["val_path"])
+    assert tok.decode(val) == paths[text].read_bytes()[cut:].decode("utf-8")
