@@ -200,23 +200,27 @@ def default_out(run_dirs: Sequence[str | Path]) -> Path:
     return _metrics_file(run_dirs[0]).parent / "curves.png"
 
 
-def _check_out(out: Path) -> None:
-    """Fail before any work if matplotlib cannot write `out`: a missing folder or an unknown format."""
+def _check_out(out: Path) -> Path:
+    """The file matplotlib will write for `out`, refused before any work if it cannot be written."""
+    if out.is_dir():
+        raise ValueError(f"cannot write {out}: it is a directory (pass a file name, e.g. {out / 'curves.png'})")
     if not out.parent.is_dir():
         raise ValueError(
             f"cannot write {out}: the folder {out.parent} does not exist (create it or pick another --out)"
         )
+    if not out.suffix:
+        return out.with_name(out.name + ".png")  # what matplotlib writes for a name without a suffix
     formats = Figure().canvas.get_supported_filetypes()
-    if out.suffix and out.suffix[1:].lower() not in formats:
+    if out.suffix[1:].lower() not in formats:
         raise ValueError(f"cannot write {out}: unknown image format {out.suffix} (use one of .{', .'.join(formats)})")
+    return out
 
 
 def _plot(args: argparse.Namespace) -> None:
     if args.dpi <= 0:
         raise ValueError(f"--dpi must be positive, got {args.dpi}")
     ema([], args.smooth)
-    out = Path(args.out) if args.out is not None else default_out(args.run_dirs)
-    _check_out(out)
+    out = _check_out(Path(args.out) if args.out is not None else default_out(args.run_dirs))
 
     def warn(message: str) -> None:
         print(f"plot: warning: {message}", file=sys.stderr)

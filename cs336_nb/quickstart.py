@@ -83,6 +83,8 @@ def quickstart(
     threads: int | None = None,  # None: the runtime's choice for the model size
 ) -> str:
     """Prepare the standard-library corpus, train the quick-start model, print and return a sample."""
+    if threads is not None:
+        set_threads(threads)  # checks it before any work
     config = _find_config(config)
     cfg = _read_config(config)
     out_dir, name = _dataset_location(cfg)
