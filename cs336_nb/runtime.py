@@ -17,7 +17,6 @@ import os
 import platform
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -26,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, read_checkpoint
+from .checkpoint import CheckpointError, atomic_write, find_checkpoint, load_checkpoint, read_checkpoint
 from .model import TransformerLM
 
 # %% ../nbs/05b_runtime.ipynb #1893fe57
@@ -160,33 +159,9 @@ def bf16_autocast_is_slower(device: str | torch.device) -> bool:
     return torch.device(device).type == "cpu" and _bf16_slower_on_cpu()
 
 # %% ../nbs/05b_runtime.ipynb #b71314b7
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # make a rename inside it durable
-    finally:
-        os.close(fd)
-
-
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` (UTF-8) to `path` so that readers and crashes see the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)  # its errors name the directory
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # same file system
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())  # the bytes are on disk before the rename
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600
-            os.replace(tmp, path)  # atomic: readers see old or new, never half
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_directory(path.parent)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, str(path)) from None  # name the target, not the temporary file
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
