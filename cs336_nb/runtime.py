@@ -148,10 +148,15 @@ def _best_matmul_time(x: torch.Tensor, w: torch.Tensor, autocast: bool, repeats:
 def _bf16_slower_on_cpu() -> bool:
     if not _cpu_native_bf16():
         return True
-    x, w = torch.randn(256, 256), torch.randn(256, 256, requires_grad=True)  # w: a weight, cast on every use
-    _best_matmul_time(x, w, autocast=True, repeats=1)  # warm-up: oneDNN builds its bf16 kernel on first use
-    _best_matmul_time(x, w, autocast=False, repeats=1)
-    return _best_matmul_time(x, w, autocast=True) > _best_matmul_time(x, w, autocast=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per-core instruction speed: no thread start-up or contention in the timing
+    try:
+        x, w = torch.randn(256, 256), torch.randn(256, 256, requires_grad=True)  # w: a weight, cast on every use
+        _best_matmul_time(x, w, autocast=True, repeats=1)  # warm-up: oneDNN builds its bf16 kernel on first use
+        _best_matmul_time(x, w, autocast=False, repeats=1)
+        return _best_matmul_time(x, w, autocast=True) > _best_matmul_time(x, w, autocast=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def bf16_autocast_is_slower(device: str | torch.device) -> bool:
