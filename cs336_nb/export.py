@@ -213,7 +213,7 @@ def save_hf(
     weights = to_hf_state_dict(model, dtype)
     out_dir = Path(out_dir)
     if out_dir.is_dir() and (out_dir / "config.json").exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds an exported model: choose another --out or pass --overwrite")
+        raise ValueError(f"{out_dir} already holds an exported model (choose another --out, or pass --overwrite)")
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in _HF_FILES:  # an overwritten export must not keep an old tokenizer next to a new model
         (out_dir / name).unlink(missing_ok=True)
@@ -365,7 +365,7 @@ def export(
 ) -> Path:
     """Export a run's newest checkpoint (or a checkpoint file) and its tokenizer as a Hugging Face Llama directory."""
     if dtype not in _DTYPES:
-        raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        raise ValueError(f"--dtype {dtype!r} is not a weight type (use float32, bfloat16 or float16)")
     model, _, path = load_model(src)
     check_llama(model.config)  # before looking for a tokenizer: the more basic refusal first
     tokenizer = Tokenizer.from_dir(run_tokenizer_dir(src, tokenizer_dir))
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("checkpoint", help="a run directory (its newest checkpoint_<iter>.pt) or a checkpoint file")
     parser.add_argument("--out", required=True, help="directory to write (created if needed)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: <run>/tokenizer)")
-    parser.add_argument("--dtype", default="float32", choices=list(_DTYPES), help="weights' dtype (default float32)")
+    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     args = parser.parse_args(argv)
 
