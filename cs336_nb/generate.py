@@ -327,20 +327,24 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cs336_nb.generate",
         description="Sample text from a cs336_nb checkpoint, streamed to stdout.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
     add("--checkpoint", required=True, help="checkpoint file, or a run directory (its newest checkpoint_<iter>.pt)")
     add("--prompt", required=True, help="text to continue")
-    add("--max-new-tokens", type=int, default=256, help="tokens to sample after the prompt (fewer at <|endoftext|>)")
-    add("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")
-    add("--top-p", type=float, default=0.9, help="nucleus mass in (0, 1]; 1 disables")
-    add("--top-k", type=int, default=None, help="keep only the k most likely tokens; unset disables")
-    add("--seed", type=int, default=None, help="seed for reproducible samples; unset = different every run")
-    add("--num-samples", type=int, default=1, help="samples to draw, one after another")
-    add("--tokenizer", default=None, help="tokenizer directory; unset = the run's own RUN_DIR/tokenizer/")
-    add("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    add("--threads", type=int, default=None, help="CPU threads; unset = the fastest for this model on idle cores")
+    add(
+        "--max-new-tokens",
+        type=int,
+        default=256,
+        help="tokens to sample, fewer at <|endoftext|> (default: %(default)s)",
+    )
+    add("--temperature", type=float, default=0.8, help="softmax temperature, 0 = greedy (default: %(default)s)")
+    add("--top-p", type=float, default=0.9, help="nucleus mass in (0, 1], 1 disables (default: %(default)s)")
+    add("--top-k", type=int, default=None, help="keep only the k most likely tokens (default: off)")
+    add("--seed", type=int, default=None, help="seed for reproducible samples (default: none, every run differs)")
+    add("--num-samples", type=int, default=1, help="samples to draw, one after another (default: %(default)s)")
+    add("--tokenizer", default=None, help="tokenizer directory (default: the run's own RUN_DIR/tokenizer/)")
+    add("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps (default: %(default)s)")
+    add("--threads", type=int, default=None, help="CPU threads (default: the fastest for this model on idle cores)")
     return parser
 
 

@@ -234,21 +234,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m cs336_nb.plot",
         description="Plot learning curves from runs' metrics.jsonl.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "run_dirs", nargs="+", metavar="RUN_DIR", help="training run directories (each with metrics.jsonl)"
     )
     parser.add_argument(
-        "--out", default=None, help="image file to write (PNG, SVG, PDF by suffix); default: RUN_DIR/curves.png"
+        "--out", default=None, help="image file to write, PNG, SVG or PDF by suffix (default: RUN_DIR/curves.png)"
     )
     parser.add_argument(
-        "--smooth", type=float, default=0.0, help="EMA factor in [0, 1) for the train loss, e.g. 0.9; 0 = raw"
+        "--smooth",
+        type=float,
+        default=0.0,
+        help="EMA factor in [0, 1) for the train loss, e.g. 0.9 (default: %(default)s, raw)",
     )
-    parser.add_argument("--log-y", action="store_true", help="log-scaled loss axis")
-    parser.add_argument("--title", default=None, help="figure title; default: the runs' names")
+    parser.add_argument("--log-y", action="store_true", help="log-scaled loss axis (default: linear)")
+    parser.add_argument("--title", default=None, help="figure title (default: the runs' names)")
     parser.add_argument(
-        "--dpi", type=int, default=100, help=f"resolution: the image is {FIGSIZE[0]:g} x {FIGSIZE[1]:g} inches"
+        "--dpi",
+        type=int,
+        default=100,
+        help=f"resolution; the image is {FIGSIZE[0]:g} x {FIGSIZE[1]:g} inches (default: %(default)s)",
     )
     args = parser.parse_args(argv)
     matplotlib.use("Agg")  # no display needed

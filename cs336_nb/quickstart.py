@@ -8,13 +8,12 @@ __all__ = ['QUICKSTART_CONFIG', 'CORPUS_NAME', 'CORPUS_BYTES', 'PROMPT', 'quicks
 # %% ../nbs/12_quickstart.ipynb #6a618a25
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 from . import generate, prepare, train
 from .model import TransformerLM
-from .runtime import default_threads, load_model, run_cli, run_tokenizer_dir, set_threads
+from .runtime import available_cores, default_threads, load_model, run_cli, run_tokenizer_dir, set_threads
 from .tokenizer import Tokenizer
 
 # %% ../nbs/12_quickstart.ipynb #940f88b9
@@ -62,7 +61,7 @@ def _dataset_location(cfg: dict) -> tuple[Path, str]:
 # %% ../nbs/12_quickstart.ipynb #4e49f00a
 def _threads_note(cfg: dict, threads: int | None) -> str | None:
     """One line about the thread count when it matters: several cores and no --threads given."""
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     if threads is not None or cores < 2:
         return None
     num_params = sum(p.numel() for p in TransformerLM.from_config(cfg, device="meta").parameters())
@@ -130,14 +129,15 @@ def main(argv: list[str] | None = None) -> str:
         prog="python -m cs336_nb.quickstart",
         description=quickstart.__doc__,
         epilog="Any other flags go to the training CLI, e.g. --max-iters 100 or --device cuda.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--config", default=None, help=f"training config; unset = ./{QUICKSTART_CONFIG}, else the repo's")
-    p.add_argument("--prompt", default=PROMPT, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample")
-    p.add_argument("--corpus-bytes", type=int, default=CORPUS_BYTES, help="standard-library bytes to use")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads; unset = the fastest for this model size")
+    p.add_argument("--config", default=None, help=f"training config (default: ./{QUICKSTART_CONFIG}, else the repo's)")
+    p.add_argument("--prompt", default=PROMPT, help="text to continue (default: %(default)r)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample (default: %(default)s)")
+    p.add_argument(
+        "--corpus-bytes", type=int, default=CORPUS_BYTES, help="standard-library bytes (default: %(default)s)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the fastest for this model here)")
     args, train_args = p.parse_known_args(argv)
     sampling = (args.prompt, args.max_new_tokens, args.corpus_bytes, train_args, args.seed, args.threads)
     return run_cli("quickstart", quickstart, args.config, *sampling)
