@@ -48,12 +48,13 @@ def _check_ids(data: np.ndarray, vocab_size: int, path) -> None:
             )
 
 # %% ../nbs/04_data.ipynb #18ce48d0
-def check_length(data: np.ndarray, context_length: int) -> None:
-    """Raise unless `data` holds at least `context_length + 1` tokens (one full (x, y) window)."""
-    if len(data) < context_length + 1:
+def check_length(data, context_length: int, what: str = "dataset") -> None:
+    """Raise unless `data` (an array, or its length) holds one full (x, y) window: `context_length + 1` tokens."""
+    n = data if isinstance(data, int) else len(data)
+    if n < context_length + 1:
         raise ValueError(
-            f"dataset has {len(data)} tokens, fewer than context_length + 1 = {context_length + 1}: "
-            "use more data or a shorter context_length"
+            f"{what} has {n} tokens, fewer than context_length + 1 = {context_length + 1} "
+            "(use more data or a shorter context_length)"
         )
 
 # %% ../nbs/04_data.ipynb #0b7f0dfc
