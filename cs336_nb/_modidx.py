@@ -414,4 +414,5 @@ d = { 'settings': { 'branch': 'main',
                                 'cs336_nb.train.start_process_group': ('train.html#start_process_group', 'cs336_nb/train.py'),
                                 'cs336_nb.train.start_wandb': ('train.html#start_wandb', 'cs336_nb/train.py'),
                                 'cs336_nb.train.train_step': ('train.html#train_step', 'cs336_nb/train.py'),
-                                'cs336_nb.train.validate_config': ('train.html#validate_config', 'cs336_nb/train.py')}}}
+                                'cs336_nb.train.validate_config': ('train.html#validate_config', 'cs336_nb/train.py'),
+                                'cs336_nb.train.why_not_trainable': ('train.html#why_not_trainable', 'cs336_nb/train.py')}}}

@@ -292,7 +292,9 @@ def _write(piece: str) -> None:
     sys.stdout.flush()
 
 
-def _sample_to_stdout(model: TransformerLM, tokenizer: Tokenizer, args, generator: torch.Generator | None) -> None:
+def _sample_to_stdout(
+    model: TransformerLM, tokenizer: Tokenizer, args: argparse.Namespace, generator: torch.Generator | None
+) -> None:
     """Stream one sample to stdout, then its speed as one line on stderr."""
     _write(args.prompt)
     start, new_tokens = time.perf_counter(), 0
@@ -302,7 +304,7 @@ def _sample_to_stdout(model: TransformerLM, tokenizer: Tokenizer, args, generato
         if piece:
             _write(piece)
     _write("\n")
-    seconds = time.perf_counter() - start
+    seconds = max(time.perf_counter() - start, 1e-9)
     print(f"generated {new_tokens} tokens in {seconds:.2f} s ({new_tokens / seconds:.0f} tok/s)", file=sys.stderr)
 
 

@@ -95,13 +95,8 @@ def quickstart(
     note = _threads_note(cfg, threads)
     if note is not None:
         print(note, flush=True)
-    train_argv = [
-        "--config",
-        str(config),
-        "--resume",
-        "auto",
-        *([] if threads is None else ["--threads", str(threads)]),
-    ]
+    threads_flag = [] if threads is None else ["--threads", str(threads)]
+    train_argv = ["--config", str(config), "--resume", "auto", *threads_flag]
     print(f"== 2/3 train: python -m cs336_nb.train {' '.join(train_argv)}", flush=True)
     summary = train.main([*train_argv, *(train_args or [])])
     # 3) sample from the newest checkpoint, loaded as the generate command loads it
