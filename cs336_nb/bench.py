@@ -15,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -26,37 +28,14 @@ from torch import Tensor, nn
 
 from .data import get_batch
 from .model import TransformerLM, training_flops_per_token
-from .optim import AdamW, clip_grad_norm, cross_entropy
+from .optim import AdamW
+from .runtime import MALLOC_OPT_OUT, MALLOC_TUNABLES, relaunch_with_tuned_malloc, run_cli
+from .train import train_step
 
 # %% auto #0
-__all__ = ['MALLOC_TUNABLES', 'MALLOC_OPT_OUT', 'VARIANTS', 'PHASES', 'tuned_malloc_env', 'relaunch_with_tuned_malloc',
-           'BenchConfig', 'load_bench_config', 'NativeBlock', 'NativeLM', 'Contender', 'build_contender', 'time_step',
-           'matmul_rate', 'rss_high_water', 'run_bench', 'format_table', 'malloc_ab', 'build_parser', 'main']
-
-# %% ../nbs/11_bench.ipynb #1b4acc2f
-MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
-MALLOC_OPT_OUT = "CS336_MALLOC_TUNING"  # set to 0 to keep glibc's default malloc
-
-# %% ../nbs/11_bench.ipynb #bf25c799
-def tuned_malloc_env(environ: dict[str, str] | None = None) -> dict[str, str] | None:
-    """The environment to re-exec with for a caching glibc malloc, or None when nothing should change."""
-    environ = dict(os.environ if environ is None else environ)
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return None  # the tunables are a glibc feature
-    if "GLIBC_TUNABLES" in environ or environ.get(MALLOC_OPT_OUT, "1") == "0":
-        return None  # already set (by us or the user), or opted out
-    return {**environ, "GLIBC_TUNABLES": MALLOC_TUNABLES}
-
-# %% ../nbs/11_bench.ipynb #a2d95fd2
-def relaunch_with_tuned_malloc(module: str, argv: list[str] | None = None) -> None:
-    """Replace this process by `python -m module argv` with the malloc tunables set, once; else return."""
-    env = tuned_malloc_env()
-    if env is None:
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    argv = sys.argv[1:] if argv is None else argv
-    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)  # does not return
+__all__ = ['VARIANTS', 'PHASES', 'BenchConfig', 'load_bench_config', 'NativeBlock', 'NativeLM', 'Contender', 'native_train_step',
+           'build_contender', 'timed_step', 'matmul_rate', 'rss_high_water', 'run_bench', 'profile_step',
+           'format_profile', 'format_table', 'malloc_ab', 'build_parser', 'main']
 
 # %% ../nbs/11_bench.ipynb #61053337
 @dataclass
@@ -89,7 +68,9 @@ def load_bench_config(path: str | os.PathLike | None = None, **overrides) -> Ben
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+            raise FileNotFoundError(
+                f"config file not found: {path} (pass a training config such as configs/tinystories_small.json)"
+            )
         try:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as error:
@@ -178,70 +159,95 @@ VARIANTS = ("ours", "native", "reference")
 
 @dataclass
 class Contender:
-    """One way to run a training step: model, loss, gradient clipping and optimizer."""
+    """One way to run a training step: a model, its optimizer and the function that does one step."""
 
     name: str
     model: nn.Module
-    loss_fn: object
-    clip_fn: object
     optimizer: torch.optim.Optimizer
+    step_fn: Callable  # train_step's signature
 
 
-def _native_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())  # (B*T, V) vs (B*T,)
-
-
-def _native_clip(params, max_norm: float) -> Tensor:
-    return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+def native_train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: list[tuple[Tensor, Tensor]],
+    lr: float,
+    max_grad_norm: float = float("inf"),
+    amp_dtype: torch.dtype | None = None,
+    on_phase: Callable[[str], None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The peer's step, in train_step's order with PyTorch's own loss, clipping and optimizer (one batch)."""
+    mark = on_phase or (lambda phase: None)
+    ((x, y),) = batches
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    mark("forward")
+    with torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+        logits = model(x)  # (B, T, vocab_size)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())  # (B*T, V) vs (B*T,)
+    del logits
+    mark("backward")
+    loss.backward()
+    mark("optimizer")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm, foreach=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    mark("end")
+    return loss.detach(), grad_norm
 
 # %% ../nbs/11_bench.ipynb #3edbd265
 def build_contender(
     name: str, cfg: BenchConfig, device: str | torch.device = "cpu", compile: bool = False
 ) -> Contender:
-    """The model, loss, clipping and optimizer of variant `name` ('ours', 'native' or 'reference')."""
+    """The model, optimizer and step function of variant `name` ('ours', 'native' or 'reference')."""
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}: choose from {', '.join(VARIANTS)}")
     if name == "native":
         model = NativeLM(**cfg.model_kwargs(), device=device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
-        loss_fn, clip_fn = _native_loss, _native_clip
+        step_fn = native_train_step
+    elif name == "ours":
+        model = TransformerLM(**cfg.model_kwargs(), device=device)
+        optimizer = AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+        step_fn = train_step
     else:
-        attn_impl = "fused" if name == "ours" else "reference"
-        model = TransformerLM(**cfg.model_kwargs(), attn_impl=attn_impl, device=device)
-        optimizer = AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, foreach=name == "ours")
-        loss_fn, clip_fn = cross_entropy, clip_grad_norm
+        model = TransformerLM(**cfg.model_kwargs(), attn_impl="reference", device=device)
+        optimizer = AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, foreach=False, fused=False)
+        step_fn = train_step
     if compile:
         model = torch.compile(model)
-    return Contender(name, model, loss_fn, clip_fn, optimizer)
+    return Contender(name, model, optimizer, step_fn)
 
 # %% ../nbs/11_bench.ipynb #59906ba7
 PHASES = ("data", "forward", "backward", "optimizer")
 
 
 class _Clock:
-    """Phase boundaries: CUDA events on a GPU, perf_counter on a CPU."""
+    """Named phase boundaries: CUDA events on a GPU, perf_counter on a CPU."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.marks = []
+        self.marks = []  # (phase that starts here, time or event)
 
-    def mark(self) -> None:
+    def mark(self, phase: str) -> None:
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
-            self.marks.append(event)
+            self.marks.append((phase, event))
         else:
-            self.marks.append(time.perf_counter())
+            self.marks.append((phase, time.perf_counter()))
 
-    def intervals(self) -> list[float]:
-        """Seconds between consecutive marks (synchronises the GPU once)."""
+    def seconds(self) -> dict[str, float]:
+        """Seconds spent in each phase (summed if it recurs), synchronising a GPU once."""
         if self.cuda:
             torch.cuda.synchronize()
-            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+        spent = defaultdict(float)
+        for (phase, a), (_, b) in zip(self.marks, self.marks[1:]):
+            spent[phase] += a.elapsed_time(b) / 1e3 if self.cuda else b - a
+        return dict(spent)
 
 # %% ../nbs/11_bench.ipynb #52431b10
-def time_step(
+def timed_step(
     contender: Contender,
     data: np.ndarray,
     cfg: BenchConfig,
@@ -249,30 +255,25 @@ def time_step(
     amp_dtype: torch.dtype | None = None,
     max_grad_norm: float = 1.0,
 ) -> dict[str, float]:
-    """Run one full training step; return seconds per phase and in total."""
-    model, optimizer = contender.model, contender.optimizer
+    """Sample a batch and run the contender's training step on it; return seconds per phase and in total."""
     clock = _Clock(device)
-    clock.mark()
+    clock.mark("data")
     x, y = get_batch(data, cfg.batch_size, cfg.context_length, device)
-    clock.mark()
-    with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-        logits = model(x)  # (B, T, vocab_size)
-    loss = contender.loss_fn(logits, y)  # float32, outside autocast
-    del logits  # the loss keeps what its backward needs; nothing else holds the logits
-    clock.mark()
-    loss.backward()
-    clock.mark()
-    contender.clip_fn(model.parameters(), max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    clock.mark()
-    seconds = dict(zip(PHASES, clock.intervals()))
+    contender.step_fn(
+        contender.model, contender.optimizer, [(x, y)], 1e-4, max_grad_norm, amp_dtype, on_phase=clock.mark
+    )
+    seconds = clock.seconds()
+    seconds = {p: seconds.get(p, 0.0) for p in PHASES}
     seconds["step"] = sum(seconds.values())
     return seconds
 
 # %% ../nbs/11_bench.ipynb #d893ebd3
 def matmul_rate(
-    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", size: int | None = None, repeats: int = 3
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    size: int | None = None,
+    repeats: int = 3,
+    timer: Callable[[], float] = time.perf_counter,
 ) -> float:
     """Median FLOP/s of a (size x size) @ (size x size) torch.mm over `repeats` timings."""
     device = torch.device(device)
@@ -284,12 +285,12 @@ def matmul_rate(
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = timer()
         for _ in range(inner):
             torch.mm(a, b, out=out)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / inner)
+        times.append((timer() - start) / inner)
     return 2 * size**3 / statistics.median(times)
 
 # %% ../nbs/11_bench.ipynb #879bbc88
@@ -367,7 +368,7 @@ def run_bench(
     contenders = [build_contender(name, cfg, device, compile) for name in variants]
     for c in contenders:
         for _ in range(warmup):
-            time_step(c, data, cfg, device, amp_dtype)
+            timed_step(c, data, cfg, device, amp_dtype)
     samples = {c.name: [] for c in contenders}
     peaks, gpu_memory = [], {}
     for _ in range(steps):
@@ -376,7 +377,7 @@ def run_bench(
         for c in contenders:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            samples[c.name].append(time_step(c, data, cfg, device, amp_dtype))
+            samples[c.name].append(timed_step(c, data, cfg, device, amp_dtype))
             if device.type == "cuda":
                 gpu_memory[c.name] = max(gpu_memory.get(c.name, 0), torch.cuda.max_memory_allocated())
     tokens = cfg.batch_size * cfg.context_length
@@ -429,6 +430,49 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return platform.processor() or platform.machine()
+
+# %% ../nbs/11_bench.ipynb #pr0f1le2
+_MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
+
+
+def _op_group(name: str) -> str:
+    """The group an operator's time is reported under."""
+    if name in _MATMUL_OPS:
+        return "matmul"
+    if "scaled_dot_product" in name or "flash_attention" in name:
+        return "attention kernel"
+    if "adam" in name or name.startswith("aten::_foreach") or name.startswith("Optimizer."):
+        return "optimizer"
+    return name
+
+
+def profile_step(
+    contender: Contender,
+    data: np.ndarray,
+    cfg: BenchConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    top: int = 8,
+) -> list[tuple[str, float]]:
+    """(group or operator, seconds of own CPU time) for one training step: the groups, then the `top` other ops."""
+    timed_step(contender, data, cfg, device, amp_dtype)  # warm: optimizer state exists, kernels chosen
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        timed_step(contender, data, cfg, device, amp_dtype)
+    spent = defaultdict(float)
+    for event in prof.key_averages():
+        spent[_op_group(event.key)] += event.self_cpu_time_total / 1e6
+    groups = [(g, spent.pop(g, 0.0)) for g in ("matmul", "attention kernel", "optimizer")]
+    others = sorted(spent.items(), key=lambda kv: -kv[1])
+    rest = sum(s for _, s in others[top:])
+    return groups + others[:top] + [("other ops", rest)]
+
+
+def format_profile(rows: list[tuple[str, float]]) -> str:
+    """A profile as a Markdown table: milliseconds and share of the step's operator time."""
+    total = sum(s for _, s in rows)
+    lines = ["| operator (own CPU time) | ms | share |", "|---|---:|---:|"]
+    lines += [f"| `{name}` | {s * 1e3:.1f} | {s / total:.1%} |" for name, s in rows]
+    return "\n".join(lines + [f"| total | {total * 1e3:.1f} | 100% |"])
 
 # %% ../nbs/11_bench.ipynb #2cb99ce1
 def format_table(result: dict) -> str:
@@ -520,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-size", type=int, default=None, help="matmul-peak matrix size (default 2048 CPU, 8192 GPU)")
     p.add_argument("--no-memory-probe", action="store_true", help="CPU: skip the child processes measuring peak RSS")
     p.add_argument("--malloc-ab", action="store_true", help="compare glibc malloc tuned vs default in child processes")
+    p.add_argument("--profile", action="store_true", help="print where one step's time goes, per contender")
     p.add_argument("--json", help="write every number to this JSON file")
     return p
 
@@ -527,55 +572,65 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     """`python -m cs336_nb.bench`: print the benchmark table; return the numbers."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    try:
-        overrides = {f.name: getattr(args, f.name) for f in fields(BenchConfig)}
-        cfg = load_bench_config(args.config, **overrides)
-        variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-        for v in variants:
-            if v not in VARIANTS:
-                raise ValueError(f"unknown variant {v!r} in --variants: choose from {', '.join(VARIANTS)}")
-        if not variants:
-            raise ValueError("--variants is empty: name at least one of " + ", ".join(VARIANTS))
-        if args.json and not Path(args.json).parent.is_dir():
-            raise FileNotFoundError(f"cannot write {args.json}: its directory does not exist")
-        if args.malloc_ab:
-            rest = [a for a in argv if a not in ("--malloc-ab",)]
-            if "--json" in rest:
-                i = rest.index("--json")
-                del rest[i : i + 2]
-            result = malloc_ab(rest)
-            for name, r in result.items():
-                print(
-                    f"{name:<10} tuned {r['tuned']:>10,.0f} tokens/s | default {r['default']:>10,.0f} tokens/s | "
-                    f"tuned/default {r['tuned/default']:.3f}x"
-                )
-        else:
-            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            if args.threads is not None:
-                if args.threads < 1:
-                    raise ValueError(f"--threads must be >= 1, got {args.threads}")
-                torch.set_num_threads(args.threads)
-            warmup = args.warmup if args.warmup is not None else (3 if args.compile else 2)
-            result = run_bench(
-                cfg,
-                device,
-                args.dtype,
-                args.compile,
-                variants,
-                args.steps,
-                warmup,
-                args.peak_repeats,
-                memory_probe=not args.no_memory_probe,
-                peak_size=args.peak_size,
+    return run_cli("bench", _run, build_parser().parse_args(argv), argv)
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> dict:
+    overrides = {f.name: getattr(args, f.name) for f in fields(BenchConfig)}
+    cfg = load_bench_config(args.config, **overrides)
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown variant {v!r} in --variants: choose from {', '.join(VARIANTS)}")
+    if not variants:
+        raise ValueError("--variants is empty: name at least one of " + ", ".join(VARIANTS))
+    if args.json and not Path(args.json).parent.is_dir():
+        raise ValueError(f"cannot write {args.json}: its directory does not exist (create it or choose another)")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.malloc_ab:
+        rest = [a for a in argv if a != "--malloc-ab"]
+        if "--json" in rest:
+            i = rest.index("--json")
+            del rest[i : i + 2]
+        result = malloc_ab(rest)
+        for name, r in result.items():
+            print(
+                f"{name:<10} tuned {r['tuned']:>10,.0f} tokens/s | default {r['default']:>10,.0f} tokens/s | "
+                f"tuned/default {r['tuned/default']:.3f}x"
             )
-            print(format_table(result))
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        warmup = args.warmup if args.warmup is not None else (3 if args.compile else 2)
+        result = run_bench(
+            cfg,
+            device,
+            args.dtype,
+            args.compile,
+            variants,
+            args.steps,
+            warmup,
+            args.peak_repeats,
+            memory_probe=not args.no_memory_probe,
+            peak_size=args.peak_size,
+        )
+        print(format_table(result))
+        if args.profile:
+            _print_profiles(cfg, torch.device(device), args.dtype, args.compile, variants)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result
+
+
+def _print_profiles(cfg: BenchConfig, device: torch.device, dtype: str, compile: bool, variants) -> None:
+    amp_dtype = torch.bfloat16 if dtype == "bfloat16" else None
+    data = np.random.default_rng(0).integers(0, cfg.vocab_size, 1 << 20).astype(np.int32)
+    for name in variants:
+        contender = build_contender(name, cfg, device, compile)
+        print(f"\n{name}: one step, own CPU time per operator\n")
+        print(format_profile(profile_step(contender, data, cfg, device, amp_dtype)))
 
 # %% ../nbs/11_bench.ipynb #93fb684b
 #| eval: false
