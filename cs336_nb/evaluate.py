@@ -96,10 +96,10 @@ def evaluate_ids(
             f"token id {int(np.max(ids))} >= the model's vocab_size {model.vocab_size}: "
             "data from another tokenizer? (pass the run's data, or --tokenizer DIR)"
         )
-    total, count = sequence_nll(model, ids, stride, batch_size, progress)
     lengths = token_bytes(tokenizer)
-    if int(np.max(ids)) >= len(lengths):
+    if len(ids) and int(np.max(ids)) >= len(lengths):
         raise ValueError(f"token id {int(np.max(ids))} is not in the tokenizer (pass the run's with --tokenizer DIR)")
+    total, count = sequence_nll(model, ids, stride, batch_size, progress)
     num_bytes = int(lengths[np.asarray(ids[1:], dtype=np.int64)].sum())
     loss = total / count
     return {

@@ -63,11 +63,11 @@ def check_llama(config: dict) -> None:
     }
     for key, what in refusals.items():
         if config.get(key):
-            raise ValueError(f"a Llama can not express {key}=True: {what}; only models trained with {key}=false export")
+            raise ValueError(f"a Llama can not express {key}=True, {what} (only models trained without it export)")
     if config.get("ffn_type", "swiglu") != "swiglu":
         raise ValueError(
-            f"a Llama can not express ffn_type={config['ffn_type']!r}: its feed-forward network is SwiGLU; "
-            "only models trained with ffn_type='swiglu' export"
+            f"a Llama can not express ffn_type={config['ffn_type']!r}, its feed-forward network is SwiGLU "
+            "(only models trained with ffn_type='swiglu' export)"
         )
     if config["d_model"] % config["num_heads"] or (config["d_model"] // config["num_heads"]) % 2:
         raise ValueError(f"d_model={config['d_model']} / num_heads={config['num_heads']} must give an even head size")
