@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['TrainConfig', 'config_from_dict', 'load_config_file', 'build_parser', 'validate_config', 'check_data_files',
            'resolve_config', 'batch_generator', 'micro_batches', 'train_step', 'DistributedContext',
-           'distributed_from_env', 'start_process_group', 'setup_device', 'StopFlag', 'estimate_loss', 'MetricsLog',
-           'RunLog', 'start_wandb', 'NonFiniteLossError', 'build_model', 'build_optimizer', 'format_config',
-           'data_tokenizer_dir', 'RunDirectory', 'Trainer', 'main']
+           'distributed_from_env', 'start_process_group', 'setup_device', 'StopFlag', 'estimate_loss',
+           'why_not_trainable', 'MetricsLog', 'RunLog', 'start_wandb', 'NonFiniteLossError', 'build_model',
+           'build_optimizer', 'format_config', 'data_tokenizer_dir', 'RunDirectory', 'Trainer', 'main']
 
 # %% ../nbs/08_train.ipynb #f2734871
 import argparse
@@ -507,6 +507,31 @@ def estimate_loss(
     model.train(was_training)
     return (totals[0] / totals[1]).item()
 
+# %% ../nbs/08_train.ipynb #3b7f859d
+def why_not_trainable(
+    model: torch.nn.Module,
+    data,
+    batch_size: int,
+    context_length: int,
+    seed: int,
+    device: str | torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> str | None:
+    """None if training can go on from `model`'s weights: they, and the loss and gradient of a validation batch, are finite."""
+    if not torch.stack([p.isfinite().all() for p in model.parameters()]).all().item():
+        return "weights are not finite"
+    x, y = get_batch(data, batch_size, context_length, device, generator=batch_generator(seed, 0, 0, stream=1))
+    with torch.autocast(torch.device(device).type, dtype=amp_dtype) if amp_dtype else nullcontext():
+        logits = model(x)  # (B, T, vocab)
+    loss = cross_entropy(logits, y)
+    del logits
+    loss.backward()
+    grad_norm = clip_grad_norm(model.parameters(), math.inf)  # measures only
+    model.zero_grad(set_to_none=True)
+    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)).item():
+        return f"weights give a validation loss of {loss.item():.4g} and a gradient norm of {grad_norm.item():.4g}"
+    return None
+
 # %% ../nbs/08_train.ipynb #182b0a40
 def _parse_record(line: str) -> dict | None:
     """The record of one metrics line, or None if it is not a JSON object with a type and an integer step."""
@@ -737,8 +762,8 @@ class RunDirectory:
                 f"{self.resume_from} ({self.run_id}): resume into {self.resume_from.parent} or an empty --checkpoint-dir"
             )
 
-    def claim(self, config: dict, start_iter: int, log: RunLog) -> MetricsLog:
-        """Take the directory for this run: lock, re-check, clean up, set aside, write config.json; open metrics."""
+    def claim(self, log: RunLog) -> None:
+        """Take the directory for this run: lock it, check the owner again, remove what killed saves left."""
         self.path.mkdir(parents=True, exist_ok=True)
         self.lock = DirectoryLock(self.path, owner="train")
         self.lock.acquire()
@@ -750,12 +775,14 @@ class RunDirectory:
             tmp.unlink()
         if orphans:
             log.print(f"Removed {len(orphans)} unfinished checkpoint file(s) of a killed save: {orphans[0].name}, ...")
+
+    def start(self, config: dict, start_iter: int, log: RunLog) -> MetricsLog:
+        """Set aside what a rewind or an earlier checkpoint-less run leaves, write config.json, open metrics.jsonl."""
         metrics = self._open_metrics(start_iter, log)
         atomic_write_json(self.path / "config.json", config)
         return metrics
 
     def _open_metrics(self, start_iter: int, log: RunLog) -> MetricsLog:
-        """Set aside what a rewind or an earlier checkpoint-less run leaves, and open metrics.jsonl."""
         path = self.path / "metrics.jsonl"
         if self.resume_from is None:  # a fresh run: an earlier run here never saved a checkpoint
             earlier = [p for p in (self.path / "config.json", path) if p.exists()]
@@ -794,7 +821,12 @@ class RunDirectory:
     def save(self, model: torch.nn.Module, optimizer, iteration: int, keep_last: int, **extra) -> Path:
         """Save `checkpoint_<iteration>.pt` with the run id, then prune to the `keep_last` newest."""
         path = self.path / f"checkpoint_{iteration}.pt"
-        save_checkpoint(model, optimizer, iteration, path, run_id=self.run_id, **extra)
+        try:
+            save_checkpoint(model, optimizer, iteration, path, run_id=self.run_id, **extra)
+        except RuntimeError as e:  # torch's writer reports a failed write (a full disk, say) as a RuntimeError
+            if isinstance(e.__context__, OSError):
+                raise OSError(e.__context__.errno, e.__context__.strerror, str(path)) from None
+            raise
         for _, old in list_checkpoints(self.path)[:-keep_last] if keep_last else []:
             old.unlink()
         return path
@@ -837,7 +869,7 @@ class Trainer:
         self.tokens_per_step = cfg.batch_size * cfg.context_length * cfg.grad_accum_steps
         self.cycle = cfg.cosine_cycle_iters if cfg.cosine_cycle_iters is not None else cfg.max_iters
         self.max_grad_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        self.pending, self.last_val, self.t_start = [], None, time.perf_counter()
+        self.pending, self.t_start = [], time.perf_counter()
         malloc = "tuned" if os.environ.get("GLIBC_TUNABLES") else "default"
         self.log.print(
             f"Device: {self.device} | dtype {cfg.dtype} | world size {self.ctx.world_size} | "
@@ -851,8 +883,11 @@ class Trainer:
         for name, path in (("train", self.cfg.train_data), ("val", self.cfg.val_data)):
             try:
                 data = load_dataset(path, self.cfg.vocab_size)
-            except (EOFError, TypeError) as e:  # an empty .npy, a sidecar naming no dtype
-                raise ValueError(f"cannot read {name} data {path}: {e} (write it again with prepare)") from None
+            except (EOFError, TypeError, ValueError) as e:  # an empty .npy, a bad sidecar, ids out of range...
+                reason = str(e) or type(e).__name__
+                reason = reason if str(path) in reason else f"{name} data {path}: {reason}"
+                fix = "" if "(" in reason else " (write the token file again, e.g. with python -m cs336_nb.prepare)"
+                raise ValueError(reason + fix) from None
             check_training_window(len(data), self.cfg.context_length, what=f"{name} data {path}")
             arrays.append(data)
         self.log.print(f"Train size: {len(arrays[0]):,} tokens | Val size: {len(arrays[1]):,} tokens")
@@ -886,14 +921,15 @@ class Trainer:
         return model, optimizer
 
     def _open_run(self) -> None:
-        """Claim the run directory (rank 0): lock, clean-up, config.json, metrics.jsonl, the tokenizer, W&B."""
+        """Claim the run directory (rank 0), start W&B, then write config.json, metrics.jsonl and the tokenizer."""
         if self.ctx.is_main:
             config = {**asdict(self.cfg), "run_id": self.run_id}
-            self.log.metrics = self.run_dir.claim(config, self.start_iter, self.log)
-            self.run_dir.copy_tokenizer(data_tokenizer_dir(self.cfg), self.log)
-            if self.cfg.wandb:
+            self.run_dir.claim(self.log)
+            if self.cfg.wandb:  # before any file: a W&B that cannot start leaves the directory as it was
                 self.log.wandb_run = start_wandb(config, self.run_dir.path, self.wandb_id)
                 self.wandb_id = self.log.wandb_run.id
+            self.log.metrics = self.run_dir.start(config, self.start_iter, self.log)
+            self.run_dir.copy_tokenizer(data_tokenizer_dir(self.cfg), self.log)
         self.t_start = time.perf_counter()
         self._reset_clock(self.start_iter)
 
@@ -979,7 +1015,6 @@ class Trainer:
         )
         if not math.isfinite(val_loss):
             self._stop_non_finite(f"validation loss is {val_loss} at iter {iteration}")
-        self.last_val = (iteration, val_loss)
         ppl = math.exp(min(val_loss, 700.0))
         self.log.print(f"[EVAL] iter {iteration:6d} | val_loss {val_loss:.4f} | val_ppl {ppl:.2f}")
         tokens = iteration * self.tokens_per_step
@@ -991,25 +1026,14 @@ class Trainer:
         return val_loss
 
     def _check_healthy(self, iteration: int) -> None:
-        """Refuse to save weights that are not finite, or whose validation loss is not (one batch, one sync)."""
+        """Refuse to save weights a resumed run could not train from (one forward and backward, one sync)."""
         self._read_losses()  # never save after a NaN loss
-        if not torch.stack([p.isfinite().all() for p in self.raw_model.parameters()]).all().item():
-            self._stop_non_finite(f"weights are not finite after iter {iteration}")
-        if self.last_val is None or self.last_val[0] != iteration:
-            cfg = self.cfg
-            probe = estimate_loss(
-                self.eval_model,
-                self.val_data,
-                cfg.batch_size,
-                cfg.context_length,
-                1,
-                cfg.seed,
-                self.device,
-                self.amp_dtype,
-                self.ctx,
-            )
-            if not math.isfinite(probe):
-                self._stop_non_finite(f"the weights after iter {iteration} give a validation loss of {probe}")
+        cfg = self.cfg
+        reason = why_not_trainable(
+            self.eval_model, self.val_data, cfg.batch_size, cfg.context_length, cfg.seed, self.device, self.amp_dtype
+        )
+        if reason is not None:
+            self._stop_non_finite(f"{reason} after iter {iteration}")
 
     def _stop_non_finite(self, what: str):
         good = f"; the last good checkpoint is {self.last_good}" if self.last_good else ""
