@@ -436,7 +436,7 @@ def start_process_group(ctx: DistributedContext, device: torch.device):
 # %% ../nbs/08_train.ipynb #ba8bda6c
 def setup_device(name: str, dtype: str, local_rank: int | None = None) -> tuple[torch.device, torch.dtype | None]:
     """The device this process trains on and its autocast dtype (None: float32); CUDA gets TF32 matmuls."""
-    device = resolve_device(name)  # cpu, cuda[:N] or mps, present on this machine
+    device = resolve_device(name)  # cpu, cuda[:N] or mps, and present
     if device.type == "cuda":
         if local_rank is not None or device.index is None:  # one GPU per process: torchrun's LOCAL_RANK
             device = torch.device("cuda", local_rank if local_rank is not None else torch.cuda.current_device())
@@ -783,6 +783,7 @@ class RunDirectory:
         return metrics
 
     def _open_metrics(self, start_iter: int, log: RunLog) -> MetricsLog:
+        """metrics.jsonl, opened for this run; what a rewind or an earlier checkpoint-less run left is set aside."""
         path = self.path / "metrics.jsonl"
         if self.resume_from is None:  # a fresh run: an earlier run here never saved a checkpoint
             earlier = [p for p in (self.path / "config.json", path) if p.exists()]
