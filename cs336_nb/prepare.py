@@ -8,6 +8,7 @@ __all__ = ['META_VERSION', 'DatasetExistsError', 'stdlib_corpus', 'prepare', 'ma
 # %% ../nbs/07_prepare.ipynb #e9a4bd66
 import argparse
 import codecs
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -232,7 +233,7 @@ class _NpyWriter:
             self._flush()
 
     def _flush(self) -> None:
-        np.asarray(self.pending, dtype=self.dtype).tofile(self.f)
+        self.f.write(np.asarray(self.pending, dtype=self.dtype).tobytes())  # a full disk raises OSError(ENOSPC)
         self.n += len(self.pending)
         self.pending = []
 
@@ -418,7 +419,7 @@ def _encode_split(
     tok: Tokenizer, path: Path, start: int, end: int, dest: Path, dtype, progress: bool, label: str
 ) -> int:
     """Stream bytes [start, end) of `path` through the tokenizer into `dest` (via a .partial file); return the token count."""
-    part = dest.with_name(dest.name + ".partial")
+    part, writer = dest.with_name(dest.name + ".partial"), None
     try:
         writer = _NpyWriter(part, dtype)
         bar = tqdm(
@@ -428,8 +429,13 @@ def _encode_split(
             for ids in tok.encode_chunks(_read_text(path, start, end, bar), chunk_chars=1 << 20):
                 writer.extend(ids)
         n = writer.close()
-    except BaseException:
+    except BaseException as e:
+        if writer is not None:
+            with contextlib.suppress(OSError):
+                writer.f.close()
         part.unlink(missing_ok=True)  # a full disk or Ctrl-C leaves no half-written array behind
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+            raise OSError(e.errno, e.strerror, str(dest)) from None  # name the array that could not be written
         raise
     part.replace(dest)
     return n
