@@ -88,6 +88,12 @@ def ema(values: Sequence[float], smoothing: float) -> list[float]:
         smoothed.append(value if not smoothed else smoothing * smoothed[-1] + (1.0 - smoothing) * value)
     return smoothed
 
+# %% ../nbs/10_plot.ipynb #8ee57196
+def _run_smoothing(smooth: float, points: int) -> float:
+    """The EMA factor for a run of `points` logged losses: `smooth`, reaching over at most a tenth of them."""
+    reach = max(1.0, points / 10)  # 1 / (1 - beta) points
+    return min(smooth, 1.0 - 1.0 / reach)
+
 # %% ../nbs/10_plot.ipynb #3d9ce3da
 FIGSIZE = (12.0, 4.5)  # inches: the PNG is FIGSIZE * dpi pixels
 
@@ -157,6 +163,16 @@ def _draw_run(ax, train: list[dict], val: list[dict], x: str, scale: float, colo
     ax.plot([r[x] / scale for r in v], [r["val_loss"] for r in v], color=color, lw=1.5, marker="o", ms=4)
 
 
+def _legend(ax, names: list[str], factors: list[float] | None) -> None:
+    """One entry per run (with its EMA factor when smoothing), then the train and validation styles."""
+    if factors is not None:
+        names = [f"{name} (EMA {factor:.2g})" for name, factor in zip(names, factors)]
+    handles = [Line2D([], [], color=f"C{i % 10}", lw=2) for i in range(len(names))]
+    handles += [Line2D([], [], color="gray", lw=0.8, alpha=0.6), Line2D([], [], color="gray", lw=1.5, marker="o", ms=4)]
+    train = "train (EMA, raw faint)" if factors is not None else "train"
+    ax.legend(handles, [*names, train, "validation"], fontsize="small")
+
+
 def plot_runs(
     run_dirs: Sequence[str | Path],
     out: str | Path | None = None,  # save a PNG (or any format matplotlib knows by suffix) here
@@ -173,9 +189,10 @@ def plot_runs(
     scale, unit = _time_unit(longest)
     fig = Figure(figsize=FIGSIZE, dpi=dpi, layout="constrained")
     by_step, by_time = fig.subplots(1, 2, sharey=True)
-    for i, (_, train, val) in enumerate(runs):
-        _draw_run(by_step, train, val, "step", 1.0, f"C{i % 10}", smooth)
-        _draw_run(by_time, train, val, "time_s", scale, f"C{i % 10}", smooth)
+    factors = [_run_smoothing(smooth, len(train)) for _, train, _ in runs]
+    for i, ((_, train, val), factor) in enumerate(zip(runs, factors)):
+        _draw_run(by_step, train, val, "step", 1.0, f"C{i % 10}", factor)
+        _draw_run(by_time, train, val, "time_s", scale, f"C{i % 10}", factor)
     by_step.set_xlabel("step")
     by_time.set_xlabel(f"wall-clock time ({unit})")
     by_step.set_ylabel("loss")
@@ -185,10 +202,7 @@ def plot_runs(
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # 3, 4, 6 rather than 3x10^0
             ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
-    handles = [Line2D([], [], color=f"C{i % 10}", lw=2) for i in range(len(runs))]
-    handles += [Line2D([], [], color="gray", lw=0.8, alpha=0.6), Line2D([], [], color="gray", lw=1.5, marker="o", ms=4)]
-    train_label = f"train (EMA {smooth:g}, raw faint)" if smooth > 0 else "train"
-    by_step.legend(handles, [name for name, _, _ in runs] + [train_label, "validation"], fontsize="small")
+    _legend(by_step, [name for name, _, _ in runs], factors if smooth > 0 else None)
     fig.suptitle(title if title is not None else _default_title([name for name, _, _ in runs]))
     if out is not None:
         fig.savefig(out, dpi=dpi)
@@ -245,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         "--smooth",
         type=float,
         default=0.0,
-        help="EMA factor in [0, 1) for the train loss, e.g. 0.9 (default: %(default)s, raw)",
+        help="EMA factor in [0, 1) for the train loss, e.g. 0.9, less for a run of few points (default: %(default)s, raw)",
     )
     parser.add_argument("--log-y", action="store_true", help="log-scaled loss axis (default: linear)")
     parser.add_argument("--title", default=None, help="figure title (default: the runs' names)")
