@@ -350,6 +350,22 @@ def _write_gpt2_files(directory: Path, vocab: dict[int, bytes], merges, special_
     _write_text(directory / "merges.txt", "#version: 0.2\n" + "".join(f"{remap(a)} {remap(b)}\n" for a, b in merges))
     _write_text(directory / "special_tokens.json", json.dumps(special_tokens, ensure_ascii=False) + "\n")
 
+# %% ../nbs/06_tokenizer.ipynb #f4ff9c8c
+def _lookups(vocab: dict[int, bytes], merges, special_tokens: list[str]) -> tuple[dict, dict, dict]:
+    """(bytes -> id, special token -> id, (id_a, id_b) -> (merge rank, merged id)); adds missing specials to `vocab`."""
+    token_to_id = {t: i for i, t in sorted(vocab.items(), reverse=True)}  # duplicates: lowest id wins
+    for s in map(str.encode, special_tokens):
+        if s not in token_to_id:  # a special token missing from the vocabulary gets the next id
+            token_to_id[s] = max(vocab, default=-1) + 1
+            vocab[token_to_id[s]] = s
+    special_to_id = {s: token_to_id[s.encode("utf-8")] for s in special_tokens}
+    ranks: dict[tuple[int, int], tuple[int, int]] = {}
+    for rank, (a, b) in enumerate(merges):
+        if a not in token_to_id or b not in token_to_id or a + b not in token_to_id:
+            raise ValueError(f"merge {rank} ({a!r}, {b!r}) uses or makes a token missing from the vocabulary")
+        ranks.setdefault((token_to_id[a], token_to_id[b]), (rank, token_to_id[a + b]))
+    return token_to_id, special_to_id, ranks
+
 # %% ../nbs/06_tokenizer.ipynb #45cb762e
 class Tokenizer:
     """Byte-level BPE tokenizer: text to token ids and back."""
@@ -359,18 +375,7 @@ class Tokenizer:
             raise ValueError(f"backend must be 'auto', 'python' or 'tiktoken', not {backend!r}")
         self.vocab, self.merges = dict(vocab), list(merges)
         self.special_tokens = list(dict.fromkeys(special_tokens or []))
-        self.token_to_id = {t: i for i, t in sorted(self.vocab.items(), reverse=True)}  # duplicates: lowest id wins
-        for s in self.special_tokens:
-            b = s.encode("utf-8")
-            if b not in self.token_to_id:  # a special token missing from the vocabulary gets the next id
-                new_id = max(self.vocab, default=-1) + 1
-                self.vocab[new_id], self.token_to_id[b] = b, new_id
-        self.special_to_id = {s: self.token_to_id[s.encode("utf-8")] for s in self.special_tokens}
-        self._ranks: dict[tuple[int, int], tuple[int, int]] = {}  # (id_a, id_b) -> (merge rank, merged id)
-        for rank, (a, b) in enumerate(self.merges):
-            if a not in self.token_to_id or b not in self.token_to_id or a + b not in self.token_to_id:
-                raise ValueError(f"merge {rank} ({a!r}, {b!r}) uses or makes a token missing from the vocabulary")
-            self._ranks.setdefault((self.token_to_id[a], self.token_to_id[b]), (rank, self.token_to_id[a + b]))
+        self.token_to_id, self.special_to_id, self._ranks = _lookups(self.vocab, self.merges, self.special_tokens)
         self._splitter = _special_splitter(self.special_tokens)
         self._cache: dict[str, list[int]] = {}
         self._tiktoken = _tiktoken_encoding(self.vocab, self.merges, self.special_to_id, backend)
