@@ -503,3 +503,16 @@ def test_malloc_tuning_relaunch(work, tmp_path):
         assert done.returncode == 0, done.stderr
         outs[opt] = [line for line in done.stdout.splitlines() if line.startswith("Device:")][0]
     assert outs["1"].endswith("| malloc tuned") and outs["0"].endswith("| malloc default"), outs
+
+
+def test_bfloat16_on_a_cpu_without_it_warns_once(work, tmp_path):
+    """`--dtype bfloat16` trains on the CPU; where it is slower than float32 the run says so in one line."""
+    from cs336_nb.runtime import bf16_autocast_is_slower
+
+    code, out, err = cli(base_args(work, tmp_path / "run", dtype="bfloat16", max_iters=3, warmup_iters=1))
+    assert code == 0, (out[-1500:], err)
+    if bf16_autocast_is_slower("cpu"):
+        one_error_line(err, "warning", "bfloat16", "--dtype float32")
+    else:
+        assert err == ""
+    assert all(math.isfinite(v) for v in train_losses(tmp_path / "run").values())
