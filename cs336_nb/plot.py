@@ -37,7 +37,10 @@ def _metrics_file(run_dir: str | Path) -> Path:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A JSON number that is a float to matplotlib: not a bool, not an integer beyond the float range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, float) or abs(value) <= sys.float_info.max
 
 
 def _is_record(record) -> bool:
