@@ -218,6 +218,7 @@ def save_hf(
     for name in _HF_FILES:  # an overwritten export must not keep an old tokenizer next to a new model
         (out_dir / name).unlink(missing_ok=True)
     safetensors_torch.save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(out_dir / "model.safetensors", 0o644)  # safetensors creates it 0600, unlike the other files
     if tokenizer is not None:
         save_hf_tokenizer(tokenizer, out_dir, config["max_position_embeddings"])
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # last: its presence marks a whole export
