@@ -66,9 +66,10 @@ def _threads_note(cfg: dict, threads: int | None) -> str | None:
         return None
     num_params = sum(p.numel() for p in TransformerLM.from_config(cfg, device="meta").parameters())
     chosen = default_threads(num_params)
+    hint = "; fewer can be much faster while other work runs" if chosen > 1 else ""
     return (
-        f"== threads: {chosen} of {cores} cores for this {num_params / 1e6:.1f}M-parameter model "
-        "(--threads N to choose; on a busy machine fewer is often much faster)"
+        f"== threads: {chosen} of {cores} cores, the runtime's choice for a {num_params / 1e6:.1f}M-parameter "
+        f"model and the current load (--threads N overrides{hint})"
     )
 
 # %% ../nbs/12_quickstart.ipynb #d3e2fb8a
