@@ -11,7 +11,9 @@ The run attacked is made by hand, not by training: a small random model saved wi
 tokens (so generation never stops early) in the run's `tokenizer/`, and a synthetic `metrics.jsonl`.
 """
 
+import builtins
 import contextlib
+import errno
 import io
 import json
 import os
@@ -187,16 +189,26 @@ def test_attack(name, prog, argv, status, text, run, props, one_thread):
         assert out.startswith("hi") and len(out) > 2, out
 
 
-@pytest.mark.skipif(IS_ROOT, reason="root reads and writes whatever the permissions say")
-def test_unreadable_metrics_and_checkpoint(run, tmp_path):
-    (tmp_path / "locked").mkdir()
+def test_unreadable_metrics_and_checkpoint(run, tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
     for name in ("metrics.jsonl", "checkpoint_1.pt"):
-        (tmp_path / "locked" / name).write_bytes((run / name.replace("_1", "_2")).read_bytes())
-        (tmp_path / "locked" / name).chmod(0)
-    code, _, err = in_process("plot", [tmp_path / "locked", "--out", tmp_path / "x.png"])
+        (locked / name).write_bytes((run / name.replace("_1", "_2")).read_bytes())
+        (locked / name).chmod(0)
+    if IS_ROOT:  # root reads whatever the permissions say: refuse the files as the OS refuses anyone else
+        real_open = builtins.open
+
+        def refusing_open(file, *args, **kwargs):
+            if str(file).startswith(str(locked)):
+                raise PermissionError(errno.EACCES, "Permission denied", str(file))
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", refusing_open)
+        monkeypatch.setattr(io, "open", refusing_open)
+    code, _, err = in_process("plot", [locked, "--out", tmp_path / "x.png"])
     assert code == 2
-    one_line(err, "plot", "error", "metrics.jsonl")
-    code, _, err = in_process("generate", ["--checkpoint", tmp_path / "locked", "--prompt", "hi"])
+    one_line(err, "plot", "error", "metrics.jsonl: permission denied")
+    code, _, err = in_process("generate", ["--checkpoint", locked, "--prompt", "hi"])
     assert code == 2
     one_line(err, "generate", "error", "checkpoint_1.pt")
 
