@@ -7,12 +7,10 @@ __all__ = ['QUICKSTART_CONFIG', 'CORPUS_NAME', 'CORPUS_BYTES', 'PROMPT', 'quicks
 
 # %% ../nbs/12_quickstart.ipynb #6a618a25
 import argparse
-import json
 import time
 from pathlib import Path
 
 from . import generate, prepare, train
-from .model import TransformerLM
 from .runtime import available_cores, default_threads, load_model, run_cli, run_tokenizer_dir, set_threads
 from .tokenizer import Tokenizer
 
@@ -36,35 +34,29 @@ def _find_config(config: str | Path | None) -> Path:
     raise ValueError(f"no {QUICKSTART_CONFIG} here or beside the package (pass --config FILE)")
 
 
-def _read_config(config: Path) -> dict:
-    """The training config as a dict, checked for the keys the quick start reads."""
-    try:
-        cfg = json.loads(config.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config} is not valid JSON ({error}): fix the file or pass another --config") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{config} must hold a JSON object of training settings (see {QUICKSTART_CONFIG})")
-    missing = [key for key in ("train_data", "checkpoint_dir", "vocab_size") if key not in cfg]
-    if missing:
-        raise ValueError(f"{config} lacks {', '.join(missing)} (the quick start needs them; see {QUICKSTART_CONFIG})")
+def _read_config(config: Path) -> train.TrainConfig:
+    """The training config, read and checked by the training CLI's own loader, with the data it names."""
+    cfg = train.config_from_dict(train.load_config_file(config), source=str(config))
+    if cfg.train_data is None or cfg.vocab_size is None:
+        raise ValueError(f"{config} names no train_data or vocab_size (the quick start prepares that dataset)")
     return cfg
 
 
-def _dataset_location(cfg: dict) -> tuple[Path, str]:
+def _dataset_location(train_data: str) -> tuple[Path, str]:
     """The `(out_dir, name)` prepare() must write so that the config's `train_data` exists afterwards."""
-    train_data = Path(cfg["train_data"])
+    train_data = Path(train_data)
     suffix = "_train.uint16.npy"
     if not train_data.name.endswith(suffix):
         raise ValueError(f"train_data {train_data} must end in {suffix} (prepare's naming): fix the config")
     return train_data.parent, train_data.name[: -len(suffix)]
 
 # %% ../nbs/12_quickstart.ipynb #4e49f00a
-def _threads_note(cfg: dict, threads: int | None) -> str | None:
+def _threads_note(cfg: train.TrainConfig, threads: int | None) -> str | None:
     """One line about the thread count when it matters: several cores and no --threads given."""
     cores = available_cores()
     if threads is not None or cores < 2:
         return None
-    num_params = sum(p.numel() for p in TransformerLM.from_config(cfg, device="meta").parameters())
+    num_params = sum(p.numel() for p in train.build_model(cfg, device="meta").parameters())
     chosen = default_threads(num_params)
     hint = "; fewer can be much faster while other work runs" if chosen > 1 else ""
     return (
@@ -87,11 +79,11 @@ def quickstart(
         set_threads(threads)  # checks it before any work
     config = _find_config(config)
     cfg = _read_config(config)
-    out_dir, name = _dataset_location(cfg)
+    out_dir, name = _dataset_location(cfg.train_data)
     t0 = time.perf_counter()
     # 1) data: the standard library's source, tokenized (skipped when already done and verified)
     print(f"== 1/3 prepare: {corpus_bytes / 1e6:.1f} MB of Python's standard library -> {out_dir}/{name}_*", flush=True)
-    prepare.prepare(corpus="stdlib", out_dir=out_dir, name=name, vocab_size=cfg["vocab_size"], max_bytes=corpus_bytes)
+    prepare.prepare(corpus="stdlib", out_dir=out_dir, name=name, vocab_size=cfg.vocab_size, max_bytes=corpus_bytes)
     # 2) train, resuming whatever an earlier quick start left behind
     note = _threads_note(cfg, threads)
     if note is not None:
@@ -101,7 +93,7 @@ def quickstart(
     print(f"== 2/3 train: python -m cs336_nb.train {' '.join(train_argv)}", flush=True)
     summary = train.main([*train_argv, *(train_args or [])])
     # 3) sample from the newest checkpoint, loaded as the generate command loads it
-    run_dir = Path(cfg["checkpoint_dir"])
+    run_dir = Path(cfg.checkpoint_dir)
     model, _, newest = load_model(run_dir)
     tokenizer = Tokenizer.from_dir(run_tokenizer_dir(newest))
     set_threads(threads, sum(p.numel() for p in model.parameters()))

@@ -121,7 +121,9 @@ ATTACKS = [
     ("quickstart config missing", "quickstart", ["--config", "{tmp}/none.json"], 2, "no config at"),
     ("quickstart config not JSON", "quickstart", ["--config", "{tmp}/cfg_torn.json"], 2, "not valid JSON"),
     ("quickstart config a list", "quickstart", ["--config", "{tmp}/cfg_list.json"], 2, "JSON object"),
-    ("quickstart config incomplete", "quickstart", ["--config", "{tmp}/cfg_empty.json"], 2, "lacks train_data"),
+    ("quickstart config incomplete", "quickstart", ["--config", "{tmp}/cfg_empty.json"], 2, "names no train_data"),
+    ("quickstart config key typo", "quickstart", ["--config", "{tmp}/cfg_typo.json"], 2, "unknown key 'trian_data'"),
+    ("quickstart config wrong type", "quickstart", ["--config", "{tmp}/cfg_type.json"], 2, "vocab_size"),
     ("quickstart bad dataset name", "quickstart", ["--config", "{tmp}/cfg_name.json"], 2, "prepare's naming"),
     ("quickstart threads zero", "quickstart", ["--config", "{tmp}/cfg_name.json", "--threads", "0"], 2, "threads"),
 ]
@@ -156,6 +158,8 @@ def props(run, tmp_path_factory) -> Path:
     (tmp / "cfg_torn.json").write_text('{"train_data": ')
     (tmp / "cfg_list.json").write_text("[1, 2]")
     (tmp / "cfg_empty.json").write_text("{}")
+    (tmp / "cfg_typo.json").write_text('{"trian_data": "data/x_train.uint16.npy"}')
+    (tmp / "cfg_type.json").write_text('{"train_data": "data/x_train.uint16.npy", "vocab_size": "many"}')
     bad_name = {"train_data": "data/x.bin", "checkpoint_dir": str(tmp / "qs"), "vocab_size": 256}
     (tmp / "cfg_name.json").write_text(json.dumps(bad_name))
     return tmp
