@@ -114,7 +114,7 @@ def _pretoken_counts(
     special_tokens,
     max_bytes=None,
     num_processes=None,
-    chunk_bytes: int = 32 << 20,
+    chunk_bytes: int = 8 << 20,
     min_parallel_bytes: int = 4 << 20,
 ) -> Counter:
     """Pre-token counts of a file's first `max_bytes` bytes, counted chunk by chunk, by a pool of processes when it pays."""
