@@ -41,6 +41,10 @@ def _special_splitter(special_tokens) -> "regex.Pattern | None":
     """A regex capturing special tokens, longest first so overlapping ones match whole."""
     if not special_tokens:
         return None
+    if not all(isinstance(s, str) and s for s in special_tokens):
+        raise ValueError(
+            f"special tokens must be non-empty strings, not {special_tokens!r} (an empty one matches everywhere)"
+        )
     ordered = sorted(set(special_tokens), key=len, reverse=True)
     return regex.compile("(" + "|".join(regex.escape(s) for s in ordered) + ")")
 
@@ -199,6 +203,7 @@ def train_bpe(
 ) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
     """Train a byte-level BPE tokenizer on a UTF-8 text file (its first `max_bytes` bytes if given)."""
     special_tokens = list(dict.fromkeys(special_tokens or []))
+    _special_splitter(special_tokens)  # refuses an empty special token before any work
     if vocab_size < 256 + len(special_tokens):
         raise ValueError(
             f"vocab_size={vocab_size} is too small: use at least 256 (bytes) + {len(special_tokens)} (special tokens)"
