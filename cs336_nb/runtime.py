@@ -362,10 +362,11 @@ def describe_os_error(error: OSError) -> str | None:
 
 
 def _error_exit(prog: str, message: str, code: int = 2):
-    try:
-        sys.stdout.flush()  # what was printed before comes before the error
-    except (OSError, ValueError):
-        pass
+    if sys.stdout is not None:  # None when the process was started with stdout closed (`>&-`)
+        try:
+            sys.stdout.flush()  # what was printed before comes before the error
+        except (OSError, ValueError):
+            pass
     print(f"{prog}: {message}", file=sys.stderr)
     raise SystemExit(code)
 
@@ -375,7 +376,7 @@ def _silence_stdout() -> None:
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is an OSError
         pass
 
 

@@ -321,16 +321,27 @@ def _read_gpt2_files(vocab_filepath, merges_filepath) -> tuple[dict[int, bytes],
     """Read GPT-2-format `vocab.json` ({token: id}) and `merges.txt` ("a b" per line) into bytes."""
     decoder = {c: b for b, c in bytes_to_unicode().items()}
     unmap = lambda s: bytes(decoder[c] for c in s)
-    with open(vocab_filepath, encoding="utf-8") as f:
-        vocab = {i: unmap(s) for s, i in json.load(f).items()}
+    try:
+        with open(vocab_filepath, encoding="utf-8") as f:
+            vocab = {int(i): unmap(s) for s, i in json.load(f).items()}
+    except (ValueError, KeyError, AttributeError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError too
+        raise ValueError(
+            f"{vocab_filepath} is not a GPT-2 vocab.json ({type(e).__name__}: {e}; rewrite it with Tokenizer.save)"
+        ) from None
     merges = []
     with open(merges_filepath, encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             line = line.rstrip("\n")
             if not line or line.startswith("#version"):
                 continue
-            a, b = line.split(" ")
-            merges.append((unmap(a), unmap(b)))
+            try:
+                a, b = line.split(" ")
+                merges.append((unmap(a), unmap(b)))
+            except (ValueError, KeyError) as e:
+                raise ValueError(
+                    f"{merges_filepath} line {number} is not a GPT-2 merge 'a b' "
+                    f"({type(e).__name__}; rewrite it with Tokenizer.save)"
+                ) from None
     return vocab, merges
 
 
@@ -400,7 +411,16 @@ class Tokenizer:
                 raise FileNotFoundError(
                     f"no tokenizer in {directory}: {name} is missing (write one with Tokenizer.save)"
                 )
-        specials = json.loads((directory / "special_tokens.json").read_text(encoding="utf-8"))
+        try:
+            specials = json.loads((directory / "special_tokens.json").read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ValueError(
+                f"{directory / 'special_tokens.json'} is not valid JSON ({e}; rewrite it with Tokenizer.save)"
+            ) from None
+        if not (isinstance(specials, list) and all(isinstance(t, str) for t in specials)):
+            raise ValueError(
+                f"{directory / 'special_tokens.json'} must hold a JSON list of strings (rewrite it with Tokenizer.save)"
+            )
         return cls.from_files(directory / "vocab.json", directory / "merges.txt", specials, backend=backend)
 
     def save(self, directory: str | os.PathLike) -> Path:
