@@ -15,25 +15,21 @@ from torch import Tensor
 
 # %% ../nbs/03_optim.ipynb #b43ae700
 class _CrossEntropyFunction(torch.autograd.Function):
-    """Mean cross-entropy over rows of `logits` (N, V): saves the softmax; the backward allocates one tensor."""
+    """Mean cross-entropy over rows of `logits` (N, V): saves the log-softmax; the backward allocates one tensor."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
         x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # no copy for float32; upcasts bf16
-        probs = torch.softmax(x, dim=-1)  # (N, V): one fused kernel, stable (subtracts the row max inside)
-        row_max, argmax = x.max(dim=-1)  # (N,)
-        # lse = m - log softmax(x)[argmax]: that probability is >= 1/V, so the log is finite
-        lse = row_max - probs.gather(-1, argmax.unsqueeze(-1)).squeeze(-1).log()
-        target_logit = x.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
-        ctx.save_for_backward(probs, targets)
+        log_probs = torch.log_softmax(x, dim=-1)  # (N, V): one fused kernel, stable (subtracts the row max inside)
+        ctx.save_for_backward(log_probs, targets)
         ctx.logits_dtype = logits.dtype
-        return (lse - target_logit).mean()
+        return -log_probs.gather(-1, targets.unsqueeze(-1)).mean()
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        probs, targets = ctx.saved_tensors
+        log_probs, targets = ctx.saved_tensors
         scale = grad / len(targets)  # g / N
-        grad_logits = probs * scale  # the one new (N, V) tensor
+        grad_logits = log_probs.exp().mul_(scale)  # softmax * g / N: the one new (N, V) tensor
         grad_logits.scatter_add_(-1, targets.unsqueeze(-1), (-scale).expand(len(targets), 1))  # - g/N at the target
         return grad_logits.to(ctx.logits_dtype), None
 
