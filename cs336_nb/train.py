@@ -851,7 +851,7 @@ class Trainer:
         )
         if self.amp_dtype is not None and bf16_autocast_is_slower(self.device):
             self.log.warn("bfloat16 autocast is slower than float32 on this CPU: --dtype float32 trains faster")
-        self.run_id = (checkpoint or {}).get("run_id") or uuid.uuid4().hex
+        self.run_id = self._run_id(checkpoint)
         self.run_dir = RunDirectory(cfg.checkpoint_dir, self.run_id, Path(cfg.resume) if checkpoint else None)
         self.run_dir.check_owner()
         self.log.print(format_config(cfg))
@@ -876,6 +876,15 @@ class Trainer:
             f"Device: {self.device} | dtype {cfg.dtype} | world size {self.ctx.world_size} | "
             f"tokens per step {self.tokens_per_step:,} | threads {torch.get_num_threads()} | malloc {malloc}"
         )
+
+    def _run_id(self, checkpoint: dict | None) -> str:
+        """A fresh run draws an id; a resume keeps its checkpoint's (one saved before run ids: its directory's)."""
+        if checkpoint is None:
+            return uuid.uuid4().hex
+        if checkpoint.get("run_id"):
+            return checkpoint["run_id"]
+        here = Path(self.cfg.resume).resolve().parent == Path(self.cfg.checkpoint_dir).resolve()
+        return (RunDirectory(self.cfg.checkpoint_dir, "").owner() if here else None) or uuid.uuid4().hex
 
     def _load_data(self) -> tuple[np.ndarray, np.ndarray]:
         """The memory-mapped train and validation tokens, each long enough for one (x, y) window."""

@@ -516,3 +516,22 @@ def test_bfloat16_on_a_cpu_without_it_warns_once(work, tmp_path):
     else:
         assert err == ""
     assert all(math.isfinite(v) for v in train_losses(tmp_path / "run").values())
+
+
+def test_checkpoints_from_before_run_ids(work, tmp_path):
+    """A run whose checkpoints and config.json carry no run id (older versions): resumes, and rewinds, in place."""
+    run = copy_base(work, tmp_path)
+    for p in run.glob("checkpoint_*.pt"):
+        ckpt = torch.load(p, weights_only=True)
+        del ckpt["run_id"], ckpt["config"]["run_id"]
+        torch.save(ckpt, p)
+    config = json.loads((run / "config.json").read_text())
+    del config["run_id"]
+    (run / "config.json").write_text(json.dumps(config))
+    code, out, err = cli(base_args(work, run, resume="auto", max_iters=10))
+    assert code == 0 and err == "", err
+    adopted = json.loads((run / "config.json").read_text())["run_id"]
+    code, out, err = cli(base_args(work, run, resume=run / "checkpoint_4.pt", max_iters=6))  # a legacy checkpoint
+    assert code == 0 and err == "" and "Rewound to iteration 4" in out, (out[-1500:], err)
+    assert json.loads((run / "config.json").read_text())["run_id"] == adopted
+    assert torch.load(run / "checkpoint_6.pt", weights_only=True)["run_id"] == adopted
