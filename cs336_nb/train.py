@@ -106,7 +106,7 @@ class TrainConfig:
     device: str = _opt("auto", "auto (cuda, then mps, then cpu), or a torch device")
     dtype: str = _opt("float32", "float32, or bfloat16 autocast")
     compile: bool = _opt(False, "torch.compile the model (checkpoints stay portable)")
-    threads: int | None = _opt(None, "CPU threads of torch (default: the fastest for this model size here)")
+    threads: int | None = _opt(None, "CPU threads of torch (default: one per idle core, one for small models)")
     # logging, evaluation, checkpoints
     log_interval: int = _opt(10, "print and record every this many steps")
     eval_interval: int = _opt(500, "evaluate every this many steps (and at the end)")
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="JSON file of settings (same names, with underscores)")
     for name, f in _FIELDS.items():
         flag, hint = "--" + name.replace("_", "-"), _TYPES[name]
-        default = f" (default: {f.default})"
+        default = f" (default: {f.default})" if f.default is not None else ""  # None: the help says it
         if hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"] + default)
         else:
