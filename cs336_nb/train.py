@@ -846,26 +846,38 @@ class Trainer:
         validate_config(cfg, self.ctx.world_size)
         check_data_files(cfg)  # before the long table: the most common first mistake
         self.log = RunLog(active=self.ctx.is_main)
-        self.device, self.amp_dtype = setup_device(
-            cfg.device, cfg.dtype, self.ctx.local_rank if self.ctx.enabled else None
-        )
-        if self.amp_dtype is not None and bf16_autocast_is_slower(self.device):
-            self.log.warn("bfloat16 autocast is slower than float32 on this CPU: --dtype float32 trains faster")
+        self.device, self.amp_dtype = self._setup_device()
         self.run_id = self._run_id(checkpoint)
         self.run_dir = RunDirectory(cfg.checkpoint_dir, self.run_id, Path(cfg.resume) if checkpoint else None)
-        self.run_dir.check_owner()
+        self.run_dir.check_owner()  # refuse another run's directory before printing anything long
         self.log.print(format_config(cfg))
         self.train_data, self.val_data = self._load_data()
         self.raw_model, self.optimizer = self._build(checkpoint)
-        self.control_group = start_process_group(self.ctx, self.device)
-        self.eval_model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
-        self.model = self.eval_model
-        if self.ctx.enabled:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.eval_model, device_ids=device_ids)
-        # this process's share of every step: its micro-batches of the K in total
+        self.model, self.eval_model, self.control_group = self._parallelize()
+        self._plan_steps()
+
+    def _setup_device(self) -> tuple[torch.device, torch.dtype | None]:
+        """The device and autocast dtype; a one-line warning where bfloat16 would be the slower choice."""
+        local_rank = self.ctx.local_rank if self.ctx.enabled else None
+        device, amp_dtype = setup_device(self.cfg.device, self.cfg.dtype, local_rank)
+        if amp_dtype is not None and bf16_autocast_is_slower(device):
+            self.log.warn("bfloat16 autocast is slower than float32 on this CPU: --dtype float32 trains faster")
+        return device, amp_dtype
+
+    def _parallelize(self) -> tuple[torch.nn.Module, torch.nn.Module, object]:
+        """The module the loop trains (compiled if asked, in DDP under torchrun), the one it evaluates, the stop group."""
+        control_group = start_process_group(self.ctx, self.device)
+        eval_model = torch.compile(self.raw_model) if self.cfg.compile else self.raw_model
+        if not self.ctx.enabled:
+            return eval_model, eval_model, control_group
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(eval_model, device_ids=device_ids), eval_model, control_group
+
+    def _plan_steps(self) -> None:
+        """What every step needs: this process's share of the batches, the schedule's cycle, the clip limit."""
+        cfg, ctx = self.cfg, self.ctx
         self.share = dict(
-            accum_steps=cfg.grad_accum_steps, device=self.device, rank=self.ctx.rank, world_size=self.ctx.world_size
+            accum_steps=cfg.grad_accum_steps, device=self.device, rank=ctx.rank, world_size=ctx.world_size
         )
         self.tokens_per_step = cfg.batch_size * cfg.context_length * cfg.grad_accum_steps
         self.cycle = cfg.cosine_cycle_iters if cfg.cosine_cycle_iters is not None else cfg.max_iters
@@ -873,7 +885,7 @@ class Trainer:
         self.pending, self.t_start = [], time.perf_counter()
         malloc = "tuned" if os.environ.get("GLIBC_TUNABLES") else "default"
         self.log.print(
-            f"Device: {self.device} | dtype {cfg.dtype} | world size {self.ctx.world_size} | "
+            f"Device: {self.device} | dtype {cfg.dtype} | world size {ctx.world_size} | "
             f"tokens per step {self.tokens_per_step:,} | threads {torch.get_num_threads()} | malloc {malloc}"
         )
 
