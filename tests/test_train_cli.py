@@ -506,16 +506,22 @@ def test_bad_input_from_the_real_command_line(tmp_path):
             dict(RANK="0", WORLD_SIZE="3", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999"),
             "grad_accum_steps 2 is not divisible by the world size 3",
         ),
+        (  # another rank: its line says which
+            dict(RANK="1", WORLD_SIZE="3", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999"),
+            "[rank 1] train: error: grad_accum_steps 2 is not divisible",
+        ),
     ],
 )
 def test_bad_distributed_setup(env, words, work, monkeypatch, capsys):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # a rank other than 0 points stdout at /dev/null: undo it after
     with pytest.raises(SystemExit) as exit:
         main(_base(work, grad_accum_steps=2, checkpoint_dir=work / "dist_bad"))
     assert exit.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
+    assert err[0].startswith("[rank 1] train: error: " if env["RANK"] == "1" else "train: error: "), err
 
 
 @pytest.mark.parametrize(
