@@ -943,17 +943,32 @@ class Trainer:
         return model, optimizer
 
     def _open_run(self) -> None:
-        """Claim the run directory (rank 0), start W&B, then write config.json, metrics.jsonl and the tokenizer."""
+        """Rank 0 claims the run directory; under torchrun every process learns whether it could."""
+        error = None
         if self.ctx.is_main:
-            config = {**asdict(self.cfg), "run_id": self.run_id}
-            self.run_dir.claim(self.log)
-            if self.cfg.wandb:  # before any file: a W&B that cannot start leaves the directory as it was
-                self.log.wandb_run = start_wandb(config, self.run_dir.path, self.wandb_id)
-                self.wandb_id = self.log.wandb_run.id
-            self.log.metrics = self.run_dir.start(config, self.start_iter, self.log)
-            self.run_dir.copy_tokenizer(data_tokenizer_dir(self.cfg), self.log)
+            try:
+                self._claim_run()
+            except Exception as e:  # said by rank 0 below; the others must not wait for it in the loop
+                error = e
+        if self.control_group is not None:
+            failed = torch.tensor([int(error is not None)])
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.control_group)
+            if failed.item() and error is None:
+                raise ValueError("rank 0 could not start the run (its own error line says why)")
+        if error is not None:
+            raise error
         self.t_start = time.perf_counter()
         self._reset_clock(self.start_iter)
+
+    def _claim_run(self) -> None:
+        """Lock the run directory, start W&B, then write config.json, metrics.jsonl and the tokenizer."""
+        config = {**asdict(self.cfg), "run_id": self.run_id}
+        self.run_dir.claim(self.log)
+        if self.cfg.wandb:  # before any file: a W&B that cannot start leaves the directory as it was
+            self.log.wandb_run = start_wandb(config, self.run_dir.path, self.wandb_id)
+            self.wandb_id = self.log.wandb_run.id
+        self.log.metrics = self.run_dir.start(config, self.start_iter, self.log)
+        self.run_dir.copy_tokenizer(data_tokenizer_dir(self.cfg), self.log)
 
     def fit(self) -> dict:
         """Train from the start (or resumed) iteration to `max_iters`; returns a summary of the run."""

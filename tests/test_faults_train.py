@@ -535,3 +535,30 @@ def test_checkpoints_from_before_run_ids(work, tmp_path):
     assert code == 0 and err == "" and "Rewound to iteration 4" in out, (out[-1500:], err)
     assert json.loads((run / "config.json").read_text())["run_id"] == adopted
     assert torch.load(run / "checkpoint_6.pt", weights_only=True)["run_id"] == adopted
+
+
+def test_torchrun_run_refused_by_rank_0_ends_every_rank_in_one_line(work, tmp_path):
+    """Under torchrun, when rank 0 cannot claim the directory (here: in use), rank 1 must not wait for it in a
+    collective until the connection breaks: each rank says one line, and nothing is written."""
+    from cs336_nb.runtime import DirectoryLock
+
+    run = tmp_path / "run"
+    with DirectoryLock(run, owner="another train"):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cs336_nb.train",
+             *base_args(work, run, grad_accum_steps=2)],
+            cwd=work, env=env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    ours = [line for line in err.splitlines() if "train: " in line]
+    assert sorted(ours) == sorted(
+        ["[rank 1] train: error: rank 0 could not start the run (its own error line says why)"]
+        + [line for line in ours if line.startswith("train: error: ") and "is in use by another train" in line]
+    ), err[-3000:]
+    assert len(ours) == 2 and "Connection reset" not in err and "RuntimeError" not in err, err[-3000:]
+    assert [p.name for p in run.iterdir()] == [".lock"]
