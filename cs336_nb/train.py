@@ -943,22 +943,26 @@ class Trainer:
         return model, optimizer
 
     def _open_run(self) -> None:
-        """Rank 0 claims the run directory; under torchrun every process learns whether it could."""
+        """Rank 0 claims the run directory (and says so to the others); the clock starts."""
+        self._on_rank_0(self._claim_run)
+        self.t_start = time.perf_counter()
+        self._reset_clock(self.start_iter)
+
+    def _on_rank_0(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on rank 0 alone; under torchrun every process learns whether it failed, so none waits for it."""
         error = None
         if self.ctx.is_main:
             try:
-                self._claim_run()
-            except Exception as e:  # said by rank 0 below; the others must not wait for it in the loop
+                fn()
+            except Exception as e:  # said by rank 0 below; the others must not wait for it in a collective
                 error = e
         if self.control_group is not None:
             failed = torch.tensor([int(error is not None)])
             dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.control_group)
             if failed.item() and error is None:
-                raise ValueError("rank 0 could not start the run (its own error line says why)")
+                raise ValueError("rank 0 stopped the run (its own error line says why)")
         if error is not None:
             raise error
-        self.t_start = time.perf_counter()
-        self._reset_clock(self.start_iter)
 
     def _claim_run(self) -> None:
         """Lock the run directory, start W&B, then write config.json, metrics.jsonl and the tokenizer."""
@@ -1082,24 +1086,24 @@ class Trainer:
     def save(self, iteration: int) -> Path | None:
         """Check the weights, then save `checkpoint_<iteration>.pt` (rank 0 only) and prune to `keep_last`."""
         self._check_healthy(iteration)
-        path = None
-        if self.ctx.is_main:
-            path = self.run_dir.save(
-                self.raw_model,
-                self.optimizer,
-                iteration,
-                self.cfg.keep_last,
-                config={**asdict(self.cfg), "run_id": self.run_id},
-                rng_state=_rng_state(),
-                elapsed_s=self._time(),
-                wandb_run_id=self.wandb_id,
-                world_size=self.ctx.world_size,
-                tokens=iteration * self.tokens_per_step,
-            )
-            self.log.print(f"[CHECKPOINT] Saved to {path}")
-            self.last_good = path
+        self._on_rank_0(lambda: self._write_checkpoint(iteration))
         self._reset_clock(iteration)  # keep saving out of iter_time_ms
-        return path
+        return self.last_good if self.ctx.is_main else None
+
+    def _write_checkpoint(self, iteration: int) -> None:
+        self.last_good = self.run_dir.save(
+            self.raw_model,
+            self.optimizer,
+            iteration,
+            self.cfg.keep_last,
+            config={**asdict(self.cfg), "run_id": self.run_id},
+            rng_state=_rng_state(),
+            elapsed_s=self._time(),
+            wandb_run_id=self.wandb_id,
+            world_size=self.ctx.world_size,
+            tokens=iteration * self.tokens_per_step,
+        )
+        self.log.print(f"[CHECKPOINT] Saved to {self.last_good}")
 
     def _time(self) -> float:
         """Seconds of training, continued across resumes."""

@@ -557,7 +557,7 @@ def test_torchrun_run_refused_by_rank_0_ends_every_rank_in_one_line(work, tmp_pa
     assert proc.returncode != 0
     ours = [line for line in err.splitlines() if "train: " in line]
     assert sorted(ours) == sorted(
-        ["[rank 1] train: error: rank 0 could not start the run (its own error line says why)"]
+        ["[rank 1] train: error: rank 0 stopped the run (its own error line says why)"]
         + [line for line in ours if line.startswith("train: error: ") and "is in use by another train" in line]
     ), err[-3000:]
     assert len(ours) == 2 and "Connection reset" not in err and "RuntimeError" not in err, err[-3000:]
