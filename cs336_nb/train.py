@@ -45,8 +45,8 @@ from cs336_nb.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from .data import get_batch, load_dataset
-from .model import MODEL_KEYS, TransformerLM, check_training_window
+from .data import check_length, get_batch, load_dataset
+from .model import MODEL_KEYS, TransformerLM, check_model_config
 from .optim import AdamW, clip_grad_norm, cross_entropy, lr_cosine_schedule
 from cs336_nb.runtime import (
     DirectoryLock,
@@ -75,6 +75,7 @@ class TrainConfig:
     vocab_size: int | None = _opt(None, "vocabulary size (every token id must be smaller)")
     tokenizer_dir: str | None = _opt(None, "the tokenizer of this data (default: the one prepare recorded)")
     # model
+    init_from: str | None = _opt(None, "a Hugging Face Llama directory: start from its weights (its shape must match)")
     context_length: int = _opt(1024, "tokens per sequence")
     num_layers: int = _opt(12, "Transformer blocks")
     d_model: int = _opt(768, "model width")
@@ -204,13 +205,8 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
 
     for key in ("train_data", "val_data", "vocab_size"):
         need(getattr(cfg, key) is not None, f"{key} is required: pass --{key.replace('_', '-')} or set it in --config")
+    check_model_config(asdict(cfg))  # sizes, heads, head size, ffn_type, rope_theta: the model chapter's rule
     for key in (
-        "vocab_size",
-        "context_length",
-        "num_layers",
-        "d_model",
-        "num_heads",
-        "d_ff",
         "batch_size",
         "grad_accum_steps",
         "max_iters",
@@ -229,16 +225,6 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     )
     cycle = cfg.max_iters if cfg.cosine_cycle_iters is None else cfg.cosine_cycle_iters
     need(cycle >= cfg.warmup_iters, f"cosine_cycle_iters {cycle} must be >= warmup_iters {cfg.warmup_iters}")
-    need(
-        cfg.d_model % cfg.num_heads == 0,
-        f"d_model {cfg.d_model} is not divisible by num_heads {cfg.num_heads}: choose a num_heads that divides it",
-    )
-    need(
-        cfg.remove_rope or (cfg.d_model // cfg.num_heads) % 2 == 0,
-        f"head dimension d_model / num_heads = {cfg.d_model // cfg.num_heads} is odd: RoPE rotates pairs, so it must be even",
-    )
-    need(cfg.ffn_type in ("swiglu", "silu"), f"ffn_type must be 'swiglu' or 'silu', got {cfg.ffn_type!r}")
-    need(cfg.rope_theta > 0, f"rope_theta must be positive, got {cfg.rope_theta}")
     need(0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, f"beta1 and beta2 must be in [0, 1), got {cfg.beta1}, {cfg.beta2}")
     need(cfg.eps >= 0 and cfg.weight_decay >= 0, "eps and weight_decay must be >= 0")
     need(cfg.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables clipping), got {cfg.grad_clip}")
@@ -910,7 +896,7 @@ class Trainer:
                 reason = reason if str(path) in reason else f"{name} data {path}: {reason}"
                 fix = "" if "(" in reason else " (write the token file again, e.g. with python -m cs336_nb.prepare)"
                 raise ValueError(reason + fix) from None
-            check_training_window(len(data), self.cfg.context_length, what=f"{name} data {path}")
+            check_length(len(data), self.cfg.context_length, what=f"{name} data {path}")
             arrays.append(data)
         self.log.print(f"Train size: {len(arrays[0]):,} tokens | Val size: {len(arrays[1]):,} tokens")
         return arrays[0], arrays[1]
@@ -919,6 +905,11 @@ class Trainer:
         """The model (the same initial weights on every process) and optimiser; restored when resuming."""
         torch.manual_seed(self.cfg.seed)
         model = build_model(self.cfg, self.device)
+        if self.cfg.init_from is not None and checkpoint is None:  # a resume restores its own weights
+            from cs336_nb.export import load_hf_weights  # the optional hf extra, imported only when asked for
+
+            load_hf_weights(model, self.cfg.init_from)
+            self.log.print(f"Initialised from the Hugging Face model in {self.cfg.init_from}")
         num_params = sum(p.numel() for p in model.parameters())
         set_threads(self.cfg.threads, num_params)
         self.log.print(f"Model parameters: {num_params:,}")

@@ -139,3 +139,31 @@ def test_export_without_the_hf_extra(run):
     proc = cli("", root / "run", "--out", root / "no_hf", code=block + imports + export)
     assert proc.stdout.strip() == "imported", proc.stderr
     assert_one_line_error(proc, 'safetensors is not installed (pip install -e ".[hf]")')
+
+
+def test_train_init_from_an_exported_model(run, tmp_path):
+    # `train --init-from DIR` starts from the Hugging Face weights: with the learning rate still 0 at step 0
+    # (one warm-up step), AdamW changes nothing, so checkpoint_1 must hold exactly the exported weights. Seed 1:
+    # the exported model was drawn with seed 0, which a fresh run would reproduce.
+    import numpy as np
+
+    from cs336_nb.checkpoint import read_checkpoint
+
+    root, model, _ = run
+    hf_dir = root / "hf_for_train"
+    export_main([str(root / "run"), "--out", str(hf_dir), "--overwrite"])
+    tokens = np.random.default_rng(0).integers(0, 300, 5000).astype(np.uint16)
+    np.save(tmp_path / "train.npy", tokens)
+    shape = {k: v for k, v in model.config.items() if k != "tie_embeddings"}
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in shape.items() if not isinstance(v, bool)]
+    common = [*flags, "--tie-embeddings", "--train-data", tmp_path / "train.npy", "--val-data", tmp_path / "train.npy"]
+    common += ["--max-iters", 1, "--warmup-iters", 1, "--batch-size", 2, "--eval-iters", 1, "--threads", 1, "--seed", 1]
+    started = cli("train", *common, "--init-from", hf_dir, "--checkpoint-dir", tmp_path / "a", timeout=180)
+    assert started.returncode == 0, started.stderr
+    fresh = cli("train", *common, "--checkpoint-dir", tmp_path / "b", timeout=180)  # the negative control
+    assert fresh.returncode == 0, fresh.stderr
+    expected = TransformerLM.from_hf(hf_dir).state_dict()
+    got = read_checkpoint(tmp_path / "a" / "checkpoint_1.pt")["model_state_dict"]
+    other = read_checkpoint(tmp_path / "b" / "checkpoint_1.pt")["model_state_dict"]
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert not torch.equal(other["layers.0.attn.q_proj.weight"], expected["layers.0.attn.q_proj.weight"])
