@@ -67,6 +67,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
         _fsync_directory(path.parent)  # make the rename itself durable
     except OSError as e:
         raise OSError(e.errno, e.strerror, str(path)) from None  # name the target (ENOSPC from a write names none)
+    except RuntimeError as e:  # torch.save reports a failed write (a full disk, say) as a RuntimeError
+        if isinstance(e.__context__, OSError):
+            raise OSError(e.__context__.errno, e.__context__.strerror, str(path)) from None
+        raise
 
 # %% ../nbs/05_checkpoint.ipynb #5a841dc5
 def save_checkpoint(

@@ -808,12 +808,7 @@ class RunDirectory:
     def save(self, model: torch.nn.Module, optimizer, iteration: int, keep_last: int, **extra) -> Path:
         """Save `checkpoint_<iteration>.pt` with the run id, then prune to the `keep_last` newest."""
         path = self.path / f"checkpoint_{iteration}.pt"
-        try:
-            save_checkpoint(model, optimizer, iteration, path, run_id=self.run_id, **extra)
-        except RuntimeError as e:  # torch's writer reports a failed write (a full disk, say) as a RuntimeError
-            if isinstance(e.__context__, OSError):
-                raise OSError(e.__context__.errno, e.__context__.strerror, str(path)) from None
-            raise
+        save_checkpoint(model, optimizer, iteration, path, run_id=self.run_id, **extra)  # a full disk: OSError
         for _, old in list_checkpoints(self.path)[:-keep_last] if keep_last else []:
             old.unlink()
         return path
