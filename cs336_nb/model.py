@@ -7,6 +7,8 @@ __all__ = ['MODEL_KEYS', 'REQUIRED_MODEL_KEYS', 'TransformerBlock', 'check_conte
            'count_parameters', 'forward_flops', 'training_flops_per_token']
 
 # %% ../nbs/02_model.ipynb #2b56e5cd
+import inspect
+
 import torch
 from torch import Tensor, nn
 
@@ -277,18 +279,9 @@ def forward_flops(
     return flops
 
 # %% ../nbs/02_model.ipynb #69eee0d8
-def training_flops_per_token(
-    vocab_size: int,
-    context_length: int,
-    d_model: int,
-    num_layers: int,
-    num_heads: int,
-    d_ff: int,
-    batch_size: int = 1,
-    ffn_type: str = "swiglu",
-) -> float:
-    """Training (forward + backward) FLOPs per token: 3x the forward matmul FLOPs."""
-    total = forward_flops(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, batch_size, ffn_type)[
-        "total"
-    ]
-    return 3 * total / (batch_size * context_length)
+def training_flops_per_token(*args, **kwargs) -> float:
+    """Training (forward + backward) FLOPs per token: 3x the forward matmul FLOPs; arguments as `forward_flops`."""
+    shape = inspect.signature(forward_flops).bind(*args, **kwargs)
+    shape.apply_defaults()
+    tokens = shape.arguments["batch_size"] * shape.arguments["context_length"]
+    return 3 * forward_flops(**shape.arguments)["total"] / tokens
