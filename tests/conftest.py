@@ -8,7 +8,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / "nbs"
 DATA = NBS / "data"  # test data shipped with the repository (see nbs/data/README.md)
-SHARED_DATA = DATA  # old name, kept until every test says DATA
 
 
 @pytest.fixture(autouse=True)
