@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import platform
+import signal
 import socket
 import sys
 import time
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from . import interrupted_while_starting
 
 from .checkpoint import CheckpointError, atomic_write, find_checkpoint, load_checkpoint, read_checkpoint
 from .model import TransformerLM
@@ -382,6 +385,8 @@ def _silence_stdout() -> None:
 
 def run_cli(prog: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run `fn(*args, **kwargs)` as the command `prog`: user errors and fixable faults end in one stderr line."""
+    if signal.getsignal(signal.SIGINT) is interrupted_while_starting:  # see the start-up chapter
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C is a KeyboardInterrupt
     try:
         return fn(*args, **kwargs)
     except SystemExit:
