@@ -91,6 +91,8 @@ def test_bench_cli_tiny(tmp_path):
         for a, b in zip(result["variants"]["ours"]["samples"], result["variants"]["native"]["samples"])
     ]
     assert abs(result["ratios"]["ours/native"] - sum(per_round) / 2) < 1e-9
+    fastest = [min(s["step"] for s in result["variants"][n]["samples"]) for n in ("native", "ours")]
+    assert abs(result["ratios_fastest"]["ours/native"] - fastest[0] / fastest[1]) < 1e-9
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert result["malloc_tuned"]  # main re-executed itself with GLIBC_TUNABLES
 
