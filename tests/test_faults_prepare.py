@@ -229,7 +229,9 @@ def test_full_disk(world):
 
 
 def test_ctrl_c(world):
-    proc = start("--train-text", world / "big.txt", "--out-dir", world / "ctrl_c", "--vocab-size", 2000, "--threads", 2)
+    # --no-progress: on a fast machine BPE is done within the wait and encoding's progress bar is on stderr too
+    args = ["--train-text", world / "big.txt", "--out-dir", world / "ctrl_c", "--vocab-size", 2000, "--threads", 2]
+    proc = start(*args, "--no-progress")
     wait_for_line(proc, "training BPE")
     time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
