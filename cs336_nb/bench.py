@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .data import get_batch
 from .model import TransformerLM, training_flops_per_token
 from .optim import AdamW
-from .runtime import MALLOC_OPT_OUT, MALLOC_TUNABLES, relaunch_with_tuned_malloc, run_cli
+from .runtime import MALLOC_OPT_OUT, MALLOC_TUNABLES, relaunch_with_tuned_malloc, resolve_device, run_cli
 from .train import train_step
 
 # %% auto #0
@@ -341,6 +341,48 @@ def _shape_argv(cfg: BenchConfig) -> list[str]:
     return [arg for f in fields(cfg) for arg in (f"--{f.name.replace('_', '-')}", str(getattr(cfg, f.name)))]
 
 # %% ../nbs/11_bench.ipynb #6b1d372f
+def _interleaved_rounds(contenders, data, cfg, device, dtype, warmup, steps, peak_repeats, peak_size):
+    """Warm every contender up, then `steps` rounds of (a matmul-peak sample, one step of each contender)."""
+    amp_dtype = torch.bfloat16 if dtype == "bfloat16" else None
+    for c in contenders:
+        for _ in range(warmup):
+            timed_step(c, data, cfg, device, amp_dtype)
+    samples, peaks, gpu_memory = {c.name: [] for c in contenders}, [], {}
+    for _ in range(steps):
+        if peak_repeats:
+            peaks.append(matmul_rate(getattr(torch, dtype), device, peak_size, repeats=peak_repeats))
+        for c in contenders:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            samples[c.name].append(timed_step(c, data, cfg, device, amp_dtype))
+            if device.type == "cuda":
+                gpu_memory[c.name] = max(gpu_memory.get(c.name, 0), torch.cuda.max_memory_allocated())
+    return samples, peaks, gpu_memory
+
+
+def _summary(runs: list[dict], cfg: BenchConfig, peaks: list[float]) -> dict:
+    """Median tokens/s, step and phase times of one contender; MFU against the median and the highest peak."""
+    tokens, step = cfg.batch_size * cfg.context_length, statistics.median(r["step"] for r in runs)
+    v = {"tokens_per_s": tokens / step, "step_s": step, "samples": runs}
+    v.update({f"{p}_s": statistics.median(r[p] for r in runs) for p in PHASES})
+    v["mfu"] = v["tokens_per_s"] * cfg.flops_per_token() / statistics.median(peaks) if peaks else None
+    fastest = min(r["step"] for r in runs)  # the fastest step against the highest peak: a quiet machine
+    v["mfu_fastest"] = tokens / fastest * cfg.flops_per_token() / max(peaks) if peaks else None
+    return v
+
+
+def _ratios(samples: dict[str, list[dict]]) -> tuple[dict, dict]:
+    """ours/other per round (median) and of the fastest steps; > 1: ours is faster."""
+    per_round, fastest = {}, {}
+    for other in samples:
+        if other != "ours" and "ours" in samples:
+            rounds = [b["step"] / a["step"] for a, b in zip(samples["ours"], samples[other])]
+            per_round[f"ours/{other}"] = statistics.median(rounds)
+            best = min(r["step"] for r in samples[other]) / min(r["step"] for r in samples["ours"])
+            fastest[f"ours/{other}"] = best  # what each reaches when the machine is quiet
+    return per_round, fastest
+
+
 def run_bench(
     cfg: BenchConfig,
     device: str | torch.device = "cpu",
@@ -355,71 +397,43 @@ def run_bench(
     seed: int = 0,
 ) -> dict:
     """Time training steps of each variant interleaved with matmul-peak samples; return every number."""
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but CUDA is not available: use --device cpu")
+    device = resolve_device(device)
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
-    amp_dtype = torch.bfloat16 if dtype == "bfloat16" else None
     torch.manual_seed(seed)
     data = np.random.default_rng(seed).integers(0, cfg.vocab_size, 1 << 20).astype(np.int32)
     contenders = [build_contender(name, cfg, device, compile) for name in variants]
-    for c in contenders:
-        for _ in range(warmup):
-            timed_step(c, data, cfg, device, amp_dtype)
-    samples = {c.name: [] for c in contenders}
-    peaks, gpu_memory = [], {}
-    for _ in range(steps):
-        if peak_repeats:
-            peaks.append(matmul_rate(getattr(torch, dtype), device, peak_size, repeats=peak_repeats))
-        for c in contenders:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            samples[c.name].append(timed_step(c, data, cfg, device, amp_dtype))
-            if device.type == "cuda":
-                gpu_memory[c.name] = max(gpu_memory.get(c.name, 0), torch.cuda.max_memory_allocated())
-    tokens = cfg.batch_size * cfg.context_length
-    peak = statistics.median(peaks) if peaks else None
-    result = {
-        "config": asdict(cfg),
-        "device": str(device),
-        "device_name": _device_name(device),
-        "dtype": dtype,
-        "compile": compile,
-        "steps": steps,
-        "warmup": warmup,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "malloc_tuned": os.environ.get("GLIBC_TUNABLES") == MALLOC_TUNABLES,
-        "flops_per_token": cfg.flops_per_token(),
-        "peak_flops": peak,
-        "peak_samples": peaks,
-        "rss_high_water_bytes": rss_high_water(),
-        "variants": {},
-        "ratios": {},
-        "ratios_fastest": {},
-        "cpu_native_bf16": _cpu_native_bf16() if device.type == "cpu" else None,
-    }
-    for name, runs in samples.items():
-        step = statistics.median(r["step"] for r in runs)
-        v = {"tokens_per_s": tokens / step, "step_s": step, "samples": runs}
-        v.update({f"{p}_s": statistics.median(r[p] for r in runs) for p in PHASES})
-        v["mfu"] = v["tokens_per_s"] * cfg.flops_per_token() / peak if peak else None
-        fastest = min(r["step"] for r in runs)  # the fastest step against the highest peak: a quiet machine
-        v["mfu_fastest"] = tokens / fastest * cfg.flops_per_token() / max(peaks) if peak else None
+    samples, peaks, gpu_memory = _interleaved_rounds(
+        contenders, data, cfg, device, dtype, warmup, steps, peak_repeats, peak_size
+    )
+    ratios, ratios_fastest = _ratios(samples)
+    result = dict(
+        config=asdict(cfg),
+        device=str(device),
+        device_name=_device_name(device),
+        dtype=dtype,
+        compile=compile,
+        steps=steps,
+        warmup=warmup,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        malloc_tuned=os.environ.get("GLIBC_TUNABLES") == MALLOC_TUNABLES,
+        flops_per_token=cfg.flops_per_token(),
+        peak_flops=statistics.median(peaks) if peaks else None,
+        peak_samples=peaks,
+        rss_high_water_bytes=rss_high_water(),
+        variants={name: _summary(runs, cfg, peaks) for name, runs in samples.items()},
+        ratios=ratios,
+        ratios_fastest=ratios_fastest,
+        cpu_native_bf16=_cpu_native_bf16() if device.type == "cpu" else None,
+    )
+    for name, v in result["variants"].items():
         if device.type == "cuda":
             v["peak_memory_bytes"] = gpu_memory[name]
         elif memory_probe:
             v["peak_memory_bytes"] = _probe_memory(name, cfg, dtype, compile)
-        result["variants"][name] = v
-    for other in variants:
-        if other != "ours" and "ours" in samples:
-            per_round = [b["step"] / a["step"] for a, b in zip(samples["ours"], samples[other])]
-            result["ratios"][f"ours/{other}"] = statistics.median(per_round)  # > 1: ours is faster
-            fastest = min(r["step"] for r in samples[other]) / min(r["step"] for r in samples["ours"])
-            result["ratios_fastest"][f"ours/{other}"] = fastest  # what each reaches when the machine is quiet
     return result
 
 
