@@ -7,7 +7,9 @@ __all__ = ['TrainConfig', 'config_from_dict', 'load_config_file', 'build_parser'
            'resolve_config', 'batch_generator', 'micro_batches', 'train_step', 'DistributedContext',
            'distributed_from_env', 'start_process_group', 'setup_device', 'StopFlag', 'estimate_loss',
            'why_not_trainable', 'MetricsLog', 'RunLog', 'start_wandb', 'NonFiniteLossError', 'build_model',
-           'build_optimizer', 'format_config', 'data_tokenizer_dir', 'RunDirectory', 'Trainer', 'main']
+           'build_optimizer', 'format_config', 'data_tokenizer_dir', 'RunDirectory', 'run_device', 'run_id_for',
+           'load_run_data', 'build_for_run', 'Resumed', 'resume_from', 'parallelize', 'StepPlan', 'StepLog',
+           'on_rank_0', 'RunFiles', 'Trainer', 'main']
 
 # %% ../nbs/08_train.ipynb #f2734871
 import argparse
@@ -818,6 +820,268 @@ class RunDirectory:
             self.lock.release()
             self.lock = None
 
+# %% ../nbs/08_train.ipynb #57ee276a
+def run_device(cfg: TrainConfig, ctx: DistributedContext, log: RunLog) -> tuple[torch.device, torch.dtype | None]:
+    """The device and autocast dtype; a one-line warning where bfloat16 would be the slower choice."""
+    local_rank = ctx.local_rank if ctx.enabled else None
+    device, amp_dtype = setup_device(cfg.device, cfg.dtype, local_rank)
+    if amp_dtype is not None and bf16_autocast_is_slower(device):
+        log.warn("bfloat16 autocast is slower than float32 on this CPU: --dtype float32 trains faster")
+    return device, amp_dtype
+
+
+def run_id_for(cfg: TrainConfig, checkpoint: dict | None) -> str:
+    """A fresh run draws an id; a resume keeps its checkpoint's (one saved before run ids: its directory's)."""
+    if checkpoint is None:
+        return uuid.uuid4().hex
+    if checkpoint.get("run_id"):
+        return checkpoint["run_id"]
+    here = Path(cfg.resume).resolve().parent == Path(cfg.checkpoint_dir).resolve()
+    return (RunDirectory(cfg.checkpoint_dir, "").owner() if here else None) or uuid.uuid4().hex
+
+
+def load_run_data(cfg: TrainConfig, log: RunLog) -> tuple[np.ndarray, np.ndarray]:
+    """The memory-mapped train and validation tokens, each long enough for one (x, y) window."""
+    log.print("Loading datasets...")
+    arrays = []
+    for name, path in (("train", cfg.train_data), ("val", cfg.val_data)):
+        try:
+            data = load_dataset(path, cfg.vocab_size)
+        except (EOFError, TypeError, ValueError) as e:  # an empty .npy, a bad sidecar, ids out of range...
+            reason = str(e) or type(e).__name__
+            reason = reason if str(path) in reason else f"{name} data {path}: {reason}"
+            fix = "" if "(" in reason else " (write the token file again, e.g. with python -m cs336_nb.prepare)"
+            raise ValueError(reason + fix) from None
+        check_length(len(data), cfg.context_length, what=f"{name} data {path}")
+        arrays.append(data)
+    log.print(f"Train size: {len(arrays[0]):,} tokens | Val size: {len(arrays[1]):,} tokens")
+    return arrays[0], arrays[1]
+
+# %% ../nbs/08_train.ipynb #819be846
+def build_for_run(
+    cfg: TrainConfig, device: torch.device, checkpoint: dict | None, log: RunLog
+) -> tuple[TransformerLM, AdamW]:
+    """The model (the same initial weights on every process) and its optimiser, before any resume."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, device)
+    if cfg.init_from is not None and checkpoint is None:  # a resume restores its own weights
+        from cs336_nb.export import load_hf_weights  # the optional hf extra, imported only when asked for
+
+        load_hf_weights(model, cfg.init_from)
+        log.print(f"Initialised from the Hugging Face model in {cfg.init_from}")
+    num_params = sum(p.numel() for p in model.parameters())
+    set_threads(cfg.threads, num_params)
+    log.print(f"Model parameters: {num_params:,}")
+    return model, build_optimizer(model, cfg)
+
+
+@dataclass
+class Resumed:
+    """Where a run starts: the iteration, the seconds trained so far, the W&B run and the last good checkpoint."""
+
+    start_iter: int = 0
+    elapsed: float = 0.0
+    wandb_id: str | None = None
+    last_good: Path | None = None
+
+
+def resume_from(
+    cfg: TrainConfig, checkpoint: dict | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer, log: RunLog
+) -> Resumed:
+    """Restore the model, optimiser and random state from `checkpoint` (nothing to do for a fresh run)."""
+    if checkpoint is None:
+        return Resumed()
+    if checkpoint.get("optimizer_state_dict") is None:
+        raise CheckpointError(
+            f"cannot resume from {cfg.resume}: it holds no optimizer state (it was saved for inference; "
+            "start a fresh run, or resume from a checkpoint that training wrote)"
+        )
+    try:
+        start_iter = load_checkpoint(checkpoint, model, optimizer)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot resume from {cfg.resume}: {e}") from None
+    if "rng_state" in checkpoint:
+        _set_rng_state(checkpoint["rng_state"])
+    log.print(f"Resumed from {cfg.resume} at iteration {start_iter}")
+    elapsed = float(checkpoint.get("elapsed_s", 0.0))
+    return Resumed(start_iter, elapsed, checkpoint.get("wandb_run_id"), Path(cfg.resume))
+
+# %% ../nbs/08_train.ipynb #237a0247
+def parallelize(
+    cfg: TrainConfig, ctx: DistributedContext, device: torch.device, raw_model: torch.nn.Module
+) -> tuple[torch.nn.Module, torch.nn.Module, object]:
+    """The module the loop trains (compiled if asked, in DDP under torchrun), the one it evaluates, the stop group."""
+    control_group = start_process_group(ctx, device)
+    eval_model = torch.compile(raw_model) if cfg.compile else raw_model
+    if not ctx.enabled:
+        return eval_model, eval_model, control_group
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(eval_model, device_ids=device_ids), eval_model, control_group
+
+
+@dataclass
+class StepPlan:
+    """This process's share of the batches, the tokens of one step, the schedule's cycle, the clip limit."""
+
+    share: dict
+    tokens_per_step: int
+    cycle: int
+    max_grad_norm: float
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, ctx: DistributedContext, device: torch.device, log: RunLog) -> "StepPlan":
+        share = dict(accum_steps=cfg.grad_accum_steps, device=device, rank=ctx.rank, world_size=ctx.world_size)
+        plan = cls(
+            share,
+            tokens_per_step=cfg.batch_size * cfg.context_length * cfg.grad_accum_steps,
+            cycle=cfg.cosine_cycle_iters if cfg.cosine_cycle_iters is not None else cfg.max_iters,
+            max_grad_norm=cfg.grad_clip if cfg.grad_clip > 0 else math.inf,
+        )
+        malloc = "tuned" if os.environ.get("GLIBC_TUNABLES") else "default"
+        log.print(
+            f"Device: {device} | dtype {cfg.dtype} | world size {ctx.world_size} | "
+            f"tokens per step {plan.tokens_per_step:,} | threads {torch.get_num_threads()} | malloc {malloc}"
+        )
+        return plan
+
+# %% ../nbs/08_train.ipynb #89898363
+class StepLog:
+    """Per-step losses, their log lines and the training clock; `stop(what)` raises on a non-finite loss."""
+
+    def __init__(self, log: RunLog, ctx: DistributedContext, tokens_per_step: int, elapsed: float, stop: Callable):
+        self.log, self.ctx, self.tokens_per_step, self.elapsed, self.stop = log, ctx, tokens_per_step, elapsed, stop
+        self.pending, self.t_start = [], time.perf_counter()
+
+    def start(self, step: int) -> None:
+        """Start the clock at `step` (when the run directory is claimed)."""
+        self.t_start = time.perf_counter()
+        self.reset_clock(step)
+
+    def time(self) -> float:
+        """Seconds of training, continued across resumes."""
+        return self.elapsed + time.perf_counter() - self.t_start
+
+    def reset_clock(self, step: int) -> None:
+        self.t_last, self.t_first = time.perf_counter(), step
+
+    def read_losses(self) -> list[tuple[int, float]]:
+        """The pending per-step losses as floats (one sync, averaged over processes); stops on a non-finite one."""
+        if not self.pending:
+            return []
+        values = torch.stack([loss for _, loss in self.pending])
+        if self.ctx.enabled:
+            dist.all_reduce(values)
+            values /= self.ctx.world_size
+        out = list(zip([step for step, _ in self.pending], values.tolist()))
+        self.pending.clear()
+        for step, loss in out:
+            if not math.isfinite(loss):
+                self.stop(f"loss is {loss} at iter {step}")
+        return out
+
+    def log_step(self, it: int, lr: float, grad_norm: Tensor) -> None:
+        """Print and record step `it`: its loss, and the mean time of the steps since the last log line."""
+        step_loss = self.read_losses()[-1][1]  # the one host sync of the interval
+        ms = (time.perf_counter() - self.t_last) * 1000 / (it + 1 - self.t_first)
+        tps, norm, tokens = self.tokens_per_step / (ms / 1000), grad_norm.item(), it * self.tokens_per_step
+        self.log.print(f"iter {it:6d} | loss {step_loss:.4f} | lr {lr:.2e} | {ms:.2f}ms | {tps:,.0f} tok/s")
+        record = dict(type="train", step=it, tokens=tokens, time_s=self.time(), lr=lr, loss=step_loss)
+        record.update(grad_norm=norm, tokens_per_s=tps, iter_time_ms=ms)
+        self.log.record(
+            record,
+            {"train/loss": step_loss, "train/lr": lr, "train/iter_time_ms": ms, "train/grad_norm": norm}
+            | {"train/tokens_per_s": tps, "train/tokens": tokens},
+        )
+        self.reset_clock(it + 1)
+
+    def log_eval(self, iteration: int, val_loss: float) -> None:
+        """Print and record the validation loss after `iteration` steps; stops on a non-finite one."""
+        if not math.isfinite(val_loss):
+            self.stop(f"validation loss is {val_loss} at iter {iteration}")
+        ppl = math.exp(min(val_loss, 700.0))
+        self.log.print(f"[EVAL] iter {iteration:6d} | val_loss {val_loss:.4f} | val_ppl {ppl:.2f}")
+        tokens = iteration * self.tokens_per_step
+        self.log.record(
+            dict(type="eval", step=iteration, tokens=tokens, time_s=self.time(), val_loss=val_loss, val_ppl=ppl),
+            {"val/loss": val_loss, "val/perplexity": ppl},
+        )
+        self.reset_clock(iteration)  # keep evaluation out of iter_time_ms
+
+# %% ../nbs/08_train.ipynb #4fca877a
+def on_rank_0(fn: Callable[[], None], ctx: DistributedContext, control_group) -> None:
+    """Run `fn` on rank 0 alone; under torchrun every process learns whether it failed, so none waits for it."""
+    error = None
+    if ctx.is_main:
+        try:
+            fn()
+        except Exception as e:  # said by rank 0 below; the others must not wait for it in a collective
+            error = e
+    if control_group is not None:
+        failed = torch.tensor([int(error is not None)])
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=control_group)
+        if failed.item() and error is None:
+            raise ValueError("rank 0 stopped the run (its own error line says why)")
+    if error is not None:
+        raise error
+
+# %% ../nbs/08_train.ipynb #c7821f3d
+class RunFiles:
+    """The run directory's files (rank 0 writes them) and the last good checkpoint."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        ctx: DistributedContext,
+        log: RunLog,
+        run_dir: RunDirectory,
+        run_id: str,
+        control_group,
+        resumed: Resumed,
+    ):
+        self.cfg, self.ctx, self.log, self.run_dir, self.control_group = cfg, ctx, log, run_dir, control_group
+        self.config = {**asdict(cfg), "run_id": run_id}
+        self.last_good, self.wandb_id = resumed.last_good, resumed.wandb_id
+
+    def claim(self, start_iter: int) -> None:
+        """Lock the run directory, start W&B, then write config.json, metrics.jsonl and the tokenizer."""
+        on_rank_0(lambda: self._claim(start_iter), self.ctx, self.control_group)
+
+    def _claim(self, start_iter: int) -> None:
+        self.run_dir.claim(self.log)
+        if self.cfg.wandb:  # before any file: a W&B that cannot start leaves the directory as it was
+            self.log.wandb_run = start_wandb(self.config, self.run_dir.path, self.wandb_id)
+            self.wandb_id = self.log.wandb_run.id
+        self.log.metrics = self.run_dir.start(self.config, start_iter, self.log)
+        self.run_dir.copy_tokenizer(data_tokenizer_dir(self.cfg), self.log)
+
+    def stop_non_finite(self, what: str):
+        """Raise `NonFiniteLossError`, naming the last good checkpoint to resume from."""
+        good = f"; the last good checkpoint is {self.last_good}" if self.last_good else ""
+        fix = "resume from it with a lower --max-lr" if self.last_good else "lower --max-lr"
+        raise NonFiniteLossError(
+            f"{what}: stopping without saving{good} ({fix}, a longer --warmup-iters, or --grad-clip 1.0)"
+        )
+
+    def save(self, iteration: int, model, optimizer, elapsed_s: Callable[[], float], tokens: int) -> Path | None:
+        """Save `checkpoint_<iteration>.pt` (rank 0 only) and prune to `keep_last`; returns its path on rank 0."""
+        on_rank_0(lambda: self._write(iteration, model, optimizer, elapsed_s(), tokens), self.ctx, self.control_group)
+        return self.last_good if self.ctx.is_main else None
+
+    def _write(self, iteration: int, model, optimizer, elapsed_s: float, tokens: int) -> None:
+        self.last_good = self.run_dir.save(
+            model,
+            optimizer,
+            iteration,
+            self.cfg.keep_last,
+            config=self.config,
+            rng_state=_rng_state(),
+            elapsed_s=elapsed_s,
+            wandb_run_id=self.wandb_id,
+            world_size=self.ctx.world_size,
+            tokens=tokens,
+        )
+        self.log.print(f"[CHECKPOINT] Saved to {self.last_good}")
+
 # %% ../nbs/08_train.ipynb #e9066659
 class Trainer:
     """One training run: `with Trainer(cfg) as t: t.fit()`; the constructor checks and loads, and writes nothing."""
@@ -827,142 +1091,23 @@ class Trainer:
         validate_config(cfg, self.ctx.world_size)
         check_data_files(cfg)  # before the long table: the most common first mistake
         self.log = RunLog(active=self.ctx.is_main)
-        self.device, self.amp_dtype = self._setup_device()
-        self.run_id = self._run_id(checkpoint)
+        self.device, self.amp_dtype = run_device(cfg, self.ctx, self.log)
+        self.run_id = run_id_for(cfg, checkpoint)
         self.run_dir = RunDirectory(cfg.checkpoint_dir, self.run_id, Path(cfg.resume) if checkpoint else None)
         self.run_dir.check_owner()  # refuse another run's directory before printing anything long
         self.log.print(format_config(cfg))
-        self.train_data, self.val_data = self._load_data()
-        self.raw_model, self.optimizer = self._build(checkpoint)
-        self.model, self.eval_model, self.control_group = self._parallelize()
-        self._plan_steps()
-
-    def _setup_device(self) -> tuple[torch.device, torch.dtype | None]:
-        """The device and autocast dtype; a one-line warning where bfloat16 would be the slower choice."""
-        local_rank = self.ctx.local_rank if self.ctx.enabled else None
-        device, amp_dtype = setup_device(self.cfg.device, self.cfg.dtype, local_rank)
-        if amp_dtype is not None and bf16_autocast_is_slower(device):
-            self.log.warn("bfloat16 autocast is slower than float32 on this CPU: --dtype float32 trains faster")
-        return device, amp_dtype
-
-    def _parallelize(self) -> tuple[torch.nn.Module, torch.nn.Module, object]:
-        """The module the loop trains (compiled if asked, in DDP under torchrun), the one it evaluates, the stop group."""
-        control_group = start_process_group(self.ctx, self.device)
-        eval_model = torch.compile(self.raw_model) if self.cfg.compile else self.raw_model
-        if not self.ctx.enabled:
-            return eval_model, eval_model, control_group
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(eval_model, device_ids=device_ids), eval_model, control_group
-
-    def _plan_steps(self) -> None:
-        """What every step needs: this process's share of the batches, the schedule's cycle, the clip limit."""
-        cfg, ctx = self.cfg, self.ctx
-        self.share = dict(
-            accum_steps=cfg.grad_accum_steps, device=self.device, rank=ctx.rank, world_size=ctx.world_size
-        )
-        self.tokens_per_step = cfg.batch_size * cfg.context_length * cfg.grad_accum_steps
-        self.cycle = cfg.cosine_cycle_iters if cfg.cosine_cycle_iters is not None else cfg.max_iters
-        self.max_grad_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        self.pending, self.t_start = [], time.perf_counter()
-        malloc = "tuned" if os.environ.get("GLIBC_TUNABLES") else "default"
-        self.log.print(
-            f"Device: {self.device} | dtype {cfg.dtype} | world size {ctx.world_size} | "
-            f"tokens per step {self.tokens_per_step:,} | threads {torch.get_num_threads()} | malloc {malloc}"
-        )
-
-    def _run_id(self, checkpoint: dict | None) -> str:
-        """A fresh run draws an id; a resume keeps its checkpoint's (one saved before run ids: its directory's)."""
-        if checkpoint is None:
-            return uuid.uuid4().hex
-        if checkpoint.get("run_id"):
-            return checkpoint["run_id"]
-        here = Path(self.cfg.resume).resolve().parent == Path(self.cfg.checkpoint_dir).resolve()
-        return (RunDirectory(self.cfg.checkpoint_dir, "").owner() if here else None) or uuid.uuid4().hex
-
-    def _load_data(self) -> tuple[np.ndarray, np.ndarray]:
-        """The memory-mapped train and validation tokens, each long enough for one (x, y) window."""
-        self.log.print("Loading datasets...")
-        arrays = []
-        for name, path in (("train", self.cfg.train_data), ("val", self.cfg.val_data)):
-            try:
-                data = load_dataset(path, self.cfg.vocab_size)
-            except (EOFError, TypeError, ValueError) as e:  # an empty .npy, a bad sidecar, ids out of range...
-                reason = str(e) or type(e).__name__
-                reason = reason if str(path) in reason else f"{name} data {path}: {reason}"
-                fix = "" if "(" in reason else " (write the token file again, e.g. with python -m cs336_nb.prepare)"
-                raise ValueError(reason + fix) from None
-            check_length(len(data), self.cfg.context_length, what=f"{name} data {path}")
-            arrays.append(data)
-        self.log.print(f"Train size: {len(arrays[0]):,} tokens | Val size: {len(arrays[1]):,} tokens")
-        return arrays[0], arrays[1]
-
-    def _build(self, checkpoint: dict | None) -> tuple[TransformerLM, AdamW]:
-        """The model (the same initial weights on every process) and optimiser; restored when resuming."""
-        torch.manual_seed(self.cfg.seed)
-        model = build_model(self.cfg, self.device)
-        if self.cfg.init_from is not None and checkpoint is None:  # a resume restores its own weights
-            from cs336_nb.export import load_hf_weights  # the optional hf extra, imported only when asked for
-
-            load_hf_weights(model, self.cfg.init_from)
-            self.log.print(f"Initialised from the Hugging Face model in {self.cfg.init_from}")
-        num_params = sum(p.numel() for p in model.parameters())
-        set_threads(self.cfg.threads, num_params)
-        self.log.print(f"Model parameters: {num_params:,}")
-        optimizer = build_optimizer(model, self.cfg)
-        self.start_iter, self.elapsed, self.wandb_id = 0, 0.0, None
-        self.last_good = Path(self.cfg.resume) if checkpoint is not None else None
-        if checkpoint is None:
-            return model, optimizer
-        if checkpoint.get("optimizer_state_dict") is None:
-            raise CheckpointError(
-                f"cannot resume from {self.cfg.resume}: it holds no optimizer state (it was saved for inference; "
-                "start a fresh run, or resume from a checkpoint that training wrote)"
-            )
-        try:
-            self.start_iter = load_checkpoint(checkpoint, model, optimizer)
-        except CheckpointError as e:
-            raise CheckpointError(f"cannot resume from {self.cfg.resume}: {e}") from None
-        self.elapsed, self.wandb_id = float(checkpoint.get("elapsed_s", 0.0)), checkpoint.get("wandb_run_id")
-        if "rng_state" in checkpoint:
-            _set_rng_state(checkpoint["rng_state"])
-        self.log.print(f"Resumed from {self.cfg.resume} at iteration {self.start_iter}")
-        return model, optimizer
-
-    def _open_run(self) -> None:
-        """Rank 0 claims the run directory (and says so to the others); the clock starts."""
-        self._on_rank_0(self._claim_run)
-        self.t_start = time.perf_counter()
-        self._reset_clock(self.start_iter)
-
-    def _on_rank_0(self, fn: Callable[[], None]) -> None:
-        """Run `fn` on rank 0 alone; under torchrun every process learns whether it failed, so none waits for it."""
-        error = None
-        if self.ctx.is_main:
-            try:
-                fn()
-            except Exception as e:  # said by rank 0 below; the others must not wait for it in a collective
-                error = e
-        if self.control_group is not None:
-            failed = torch.tensor([int(error is not None)])
-            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.control_group)
-            if failed.item() and error is None:
-                raise ValueError("rank 0 stopped the run (its own error line says why)")
-        if error is not None:
-            raise error
-
-    def _claim_run(self) -> None:
-        """Lock the run directory, start W&B, then write config.json, metrics.jsonl and the tokenizer."""
-        config = {**asdict(self.cfg), "run_id": self.run_id}
-        self.run_dir.claim(self.log)
-        if self.cfg.wandb:  # before any file: a W&B that cannot start leaves the directory as it was
-            self.log.wandb_run = start_wandb(config, self.run_dir.path, self.wandb_id)
-            self.wandb_id = self.log.wandb_run.id
-        self.log.metrics = self.run_dir.start(config, self.start_iter, self.log)
-        self.run_dir.copy_tokenizer(data_tokenizer_dir(self.cfg), self.log)
+        self.train_data, self.val_data = load_run_data(cfg, self.log)
+        self.raw_model, self.optimizer = build_for_run(cfg, self.device, checkpoint, self.log)
+        resumed = resume_from(cfg, checkpoint, self.raw_model, self.optimizer, self.log)
+        self.start_iter = resumed.start_iter
+        self.model, self.eval_model, self.control_group = parallelize(cfg, self.ctx, self.device, self.raw_model)
+        self.plan = StepPlan.of(cfg, self.ctx, self.device, self.log)
+        self.files = RunFiles(cfg, self.ctx, self.log, self.run_dir, self.run_id, self.control_group, resumed)
+        self.steps = StepLog(self.log, self.ctx, self.plan.tokens_per_step, resumed.elapsed, self.files.stop_non_finite)
 
     def fit(self) -> dict:
         """Train from the start (or resumed) iteration to `max_iters`; returns a summary of the run."""
-        cfg = self.cfg
+        cfg, plan = self.cfg, self.plan
         summary = {"iteration": self.start_iter, "val_loss": None, "interrupted": None}
         if self.start_iter >= cfg.max_iters:  # before claiming the directory: nothing changes
             self.log.print(
@@ -970,19 +1115,20 @@ class Trainer:
                 "(raise --max-iters to continue)"
             )
             return summary
-        self._open_run()
+        self.files.claim(self.start_iter)
+        self.steps.start(self.start_iter)
         with StopFlag(self.control_group) as stop:
             for it in range(self.start_iter, cfg.max_iters):
-                lr = lr_cosine_schedule(it, cfg.max_lr, cfg.min_lr, cfg.warmup_iters, self.cycle)
-                batches = micro_batches(self.train_data, cfg.batch_size, cfg.context_length, cfg.seed, it, **self.share)
+                lr = lr_cosine_schedule(it, cfg.max_lr, cfg.min_lr, cfg.warmup_iters, plan.cycle)
+                batches = micro_batches(self.train_data, cfg.batch_size, cfg.context_length, cfg.seed, it, **plan.share)
                 loss, grad_norm = train_step(
-                    self.model, self.optimizer, batches, lr, self.max_grad_norm, self.amp_dtype
+                    self.model, self.optimizer, batches, lr, plan.max_grad_norm, self.amp_dtype
                 )
-                self.pending.append((it, loss))
+                self.steps.pending.append((it, loss))
                 done, stopping = it + 1, stop.is_set()  # `done` steps completed: the model is now "iter done"
                 last = done == cfg.max_iters
                 if it % cfg.log_interval == 0 or last or stopping:
-                    self._log_step(it, lr, grad_norm)
+                    self.steps.log_step(it, lr, grad_norm)
                 if done % cfg.eval_interval == 0 or last:
                     summary["val_loss"] = self.evaluate(done)
                 if done % cfg.checkpoint_interval == 0 or last or stopping:
@@ -995,108 +1141,26 @@ class Trainer:
                     break
         return summary
 
-    def _read_losses(self) -> list[tuple[int, float]]:
-        """The pending per-step losses as floats (one sync, averaged over processes); stops on a non-finite one."""
-        if not self.pending:
-            return []
-        values = torch.stack([loss for _, loss in self.pending])
-        if self.ctx.enabled:
-            dist.all_reduce(values)
-            values /= self.ctx.world_size
-        out = list(zip([step for step, _ in self.pending], values.tolist()))
-        self.pending.clear()
-        for step, loss in out:
-            if not math.isfinite(loss):
-                self._stop_non_finite(f"loss is {loss} at iter {step}")
-        return out
-
-    def _log_step(self, it: int, lr: float, grad_norm: Tensor) -> None:
-        """Print and record step `it`: its loss, and the mean time of the steps since the last log line."""
-        step_loss = self._read_losses()[-1][1]  # the one host sync of the interval
-        ms = (time.perf_counter() - self.t_last) * 1000 / (it + 1 - self.t_first)
-        tps, norm, tokens = self.tokens_per_step / (ms / 1000), grad_norm.item(), it * self.tokens_per_step
-        self.log.print(f"iter {it:6d} | loss {step_loss:.4f} | lr {lr:.2e} | {ms:.2f}ms | {tps:,.0f} tok/s")
-        record = dict(type="train", step=it, tokens=tokens, time_s=self._time(), lr=lr, loss=step_loss)
-        record.update(grad_norm=norm, tokens_per_s=tps, iter_time_ms=ms)
-        self.log.record(
-            record,
-            {"train/loss": step_loss, "train/lr": lr, "train/iter_time_ms": ms, "train/grad_norm": norm}
-            | {"train/tokens_per_s": tps, "train/tokens": tokens},
-        )
-        self._reset_clock(it + 1)
-
     def evaluate(self, iteration: int) -> float:
         """Validation loss of the current model; printed, recorded and sent to W&B."""
-        self._read_losses()
-        cfg = self.cfg
-        val_loss = estimate_loss(
-            self.eval_model,
-            self.val_data,
-            cfg.batch_size,
-            cfg.context_length,
-            cfg.eval_iters,
-            cfg.seed,
-            self.device,
-            self.amp_dtype,
-            self.ctx,
-        )
-        if not math.isfinite(val_loss):
-            self._stop_non_finite(f"validation loss is {val_loss} at iter {iteration}")
-        ppl = math.exp(min(val_loss, 700.0))
-        self.log.print(f"[EVAL] iter {iteration:6d} | val_loss {val_loss:.4f} | val_ppl {ppl:.2f}")
-        tokens = iteration * self.tokens_per_step
-        self.log.record(
-            dict(type="eval", step=iteration, tokens=tokens, time_s=self._time(), val_loss=val_loss, val_ppl=ppl),
-            {"val/loss": val_loss, "val/perplexity": ppl},
-        )
-        self._reset_clock(iteration)  # keep evaluation out of iter_time_ms
+        self.steps.read_losses()
+        c = self.cfg
+        args = (c.batch_size, c.context_length, c.eval_iters, c.seed, self.device, self.amp_dtype, self.ctx)
+        val_loss = estimate_loss(self.eval_model, self.val_data, *args)
+        self.steps.log_eval(iteration, val_loss)
         return val_loss
 
-    def _check_healthy(self, iteration: int) -> None:
-        """Refuse to save weights a resumed run could not train from (one forward and backward, one sync)."""
-        self._read_losses()  # never save after a NaN loss
-        cfg = self.cfg
-        reason = why_not_trainable(
-            self.eval_model, self.val_data, cfg.batch_size, cfg.context_length, cfg.seed, self.device, self.amp_dtype
-        )
-        if reason is not None:
-            self._stop_non_finite(f"{reason} after iter {iteration}")
-
-    def _stop_non_finite(self, what: str):
-        good = f"; the last good checkpoint is {self.last_good}" if self.last_good else ""
-        fix = "resume from it with a lower --max-lr" if self.last_good else "lower --max-lr"
-        raise NonFiniteLossError(
-            f"{what}: stopping without saving{good} ({fix}, a longer --warmup-iters, or --grad-clip 1.0)"
-        )
-
     def save(self, iteration: int) -> Path | None:
-        """Check the weights, then save `checkpoint_<iteration>.pt` (rank 0 only) and prune to `keep_last`."""
-        self._check_healthy(iteration)
-        self._on_rank_0(lambda: self._write_checkpoint(iteration))
-        self._reset_clock(iteration)  # keep saving out of iter_time_ms
-        return self.last_good if self.ctx.is_main else None
-
-    def _write_checkpoint(self, iteration: int) -> None:
-        self.last_good = self.run_dir.save(
-            self.raw_model,
-            self.optimizer,
-            iteration,
-            self.cfg.keep_last,
-            config={**asdict(self.cfg), "run_id": self.run_id},
-            rng_state=_rng_state(),
-            elapsed_s=self._time(),
-            wandb_run_id=self.wandb_id,
-            world_size=self.ctx.world_size,
-            tokens=iteration * self.tokens_per_step,
-        )
-        self.log.print(f"[CHECKPOINT] Saved to {self.last_good}")
-
-    def _time(self) -> float:
-        """Seconds of training, continued across resumes."""
-        return self.elapsed + time.perf_counter() - self.t_start
-
-    def _reset_clock(self, step: int) -> None:
-        self.t_last, self.t_first = time.perf_counter(), step
+        """Check the weights (one forward and backward), then save `checkpoint_<iteration>.pt` (rank 0 only)."""
+        self.steps.read_losses()  # never save after a NaN loss
+        c = self.cfg
+        args = (c.batch_size, c.context_length, c.seed, self.device, self.amp_dtype)
+        if (reason := why_not_trainable(self.eval_model, self.val_data, *args)) is not None:
+            self.files.stop_non_finite(f"{reason} after iter {iteration}")
+        tokens = iteration * self.plan.tokens_per_step
+        path = self.files.save(iteration, self.raw_model, self.optimizer, self.steps.time, tokens)
+        self.steps.reset_clock(iteration)  # keep saving out of iter_time_ms
+        return path
 
     def close(self, exit_code: int = 0) -> None:
         """Close metrics.jsonl, finish W&B (with `exit_code`), release the directory; safe to call twice."""
