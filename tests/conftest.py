@@ -1,6 +1,8 @@
 """Shared pytest setup: every test runs from the repository root with the package importable."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,3 +17,36 @@ def _quiet_wandb(monkeypatch):
     # tests never reach the network: W&B runs offline unless a test says otherwise
     monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "offline"))
     monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def run_module(module: str, *args, timeout: float = 120, code: str | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m cs336_nb.<module> args` (or `python -c code args`) from the repository root: this checkout
+    first on the path, offline (W&B, Hugging Face), one thread, UTF-8 output."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONIOENCODING": "utf-8",
+        "OMP_NUM_THREADS": "1",
+    }
+    command = ["-c", code] if code is not None else ["-m", f"cs336_nb.{module}"]
+    return subprocess.run(
+        [sys.executable, *command, *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=timeout,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, text: str, prog: str | None = None) -> None:
+    """Exit status 2 and a stderr of exactly one line holding `text` (after `prog: error:`, if given), no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert text in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert prog is None or proc.stderr.startswith(f"{prog}: error:"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -9,15 +9,13 @@ a token file.
 
 import json
 import math
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DATA, ROOT
+from conftest import DATA, run_module
 
 from cs336_nb.checkpoint import save_checkpoint
 from cs336_nb.evaluate import main as evaluate_main
@@ -29,21 +27,7 @@ CONTEXT = 32
 
 def cli(*args, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run `python -m cs336_nb.evaluate args` from the repository root."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "PYTHONIOENCODING": "utf-8",
-        "OMP_NUM_THREADS": "1",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "cs336_nb.evaluate", *map(str, args)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        timeout=timeout,
-    )
+    return run_module("evaluate", *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ hub is switched off (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE).
 import json
 import os
 import subprocess
-import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -18,7 +17,8 @@ os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 
 import pytest
 import torch
-from conftest import DATA, ROOT
+from conftest import DATA, assert_one_line_error
+from conftest import run_module as cli
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
@@ -31,32 +31,8 @@ from cs336_nb.tokenizer import Tokenizer, train_bpe
 TEXT = "the iron cement protects the ingot , naïve 🤖 <|endoftext|>def f(x):\n\treturn x  # done\n"
 
 
-def cli(module: str, *args, timeout: float = 120, code: str | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m cs336_nb.<module> args` (or `python -c code args`) from the repository root, offline."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONIOENCODING": "utf-8",
-        "OMP_NUM_THREADS": "1",
-    }
-    command = ["-c", code] if code is not None else ["-m", f"cs336_nb.{module}"]
-    return subprocess.run(
-        [sys.executable, *command, *map(str, args)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        timeout=timeout,
-    )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, text: str) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    assert proc.stderr.startswith("export: error:") and text in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+def assert_export_error(proc: subprocess.CompletedProcess, text: str) -> None:
+    assert_one_line_error(proc, text, prog="export")
 
 
 def tiny_model(**changes) -> TransformerLM:
@@ -112,7 +88,7 @@ def test_export_cli_errors(run, capsys):
     root, model, _ = run
     post = tiny_model(use_post_norm=True)
     save_checkpoint(post, None, 1, root / "post" / "checkpoint_1.pt", config=post.config)
-    assert_one_line_error(cli("export", root / "post", "--out", root / "x"), "use_post_norm=True")
+    assert_export_error(cli("export", root / "post", "--out", root / "x"), "use_post_norm=True")
 
     silu = tiny_model(ffn_type="silu")
     save_checkpoint(silu, None, 1, root / "silu" / "checkpoint_1.pt", config=silu.config)
@@ -126,7 +102,7 @@ def test_export_cli_errors(run, capsys):
         with pytest.raises(SystemExit) as exit:
             export_main([*map(str, argv), "--out", str(root / "x")])
         err = capsys.readouterr().err
-        assert_one_line_error(subprocess.CompletedProcess([], exit.value.code, "", err), text)
+        assert_export_error(subprocess.CompletedProcess([], exit.value.code, "", err), text)
     assert not (root / "x").exists()
 
 
@@ -138,7 +114,7 @@ def test_export_without_the_hf_extra(run):
     export = "cs336_nb.export.main(sys.argv[1:])\n"
     proc = cli("", root / "run", "--out", root / "no_hf", code=block + imports + export)
     assert proc.stdout.strip() == "imported", proc.stderr
-    assert_one_line_error(proc, 'safetensors is not installed (pip install -e ".[hf]")')
+    assert_export_error(proc, 'safetensors is not installed (pip install -e ".[hf]")')
 
 
 def test_train_init_from_an_exported_model(run, tmp_path):

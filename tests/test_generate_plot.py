@@ -8,18 +8,16 @@ to `tiny_train.uint16.npy` / `tiny_val.uint16.npy`, and 10 training steps of a t
 `tokenizer/`, which is all generation reads (no --tokenizer flag).
 """
 
-import os
 import re
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, ROOT
+from conftest import DATA, assert_one_line_error
+from conftest import run_module as cli
 
 from cs336_nb.generate import generate, sample_text
 from cs336_nb.generate import main as generate_main
@@ -28,33 +26,6 @@ from cs336_nb.runtime import load_model
 from cs336_nb.tokenizer import Tokenizer, train_bpe
 
 PROMPT = "Once upon a time"
-
-
-def cli(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run `python -m cs336_nb.<module> args` from the repository root, this checkout first on the path."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "PYTHONIOENCODING": "utf-8",
-        "OMP_NUM_THREADS": "1",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", f"cs336_nb.{module}", *map(str, args)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        timeout=timeout,
-    )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, text: str) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    assert text in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def png_size(path: Path) -> tuple[int, int]:
