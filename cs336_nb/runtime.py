@@ -370,7 +370,11 @@ def _error_exit(prog: str, message: str, code: int = 2):
             sys.stdout.flush()  # what was printed before comes before the error
         except (OSError, ValueError):
             pass
-    print(f"{prog}: {message}", file=sys.stderr)
+    # one write of the whole line: with several processes on one stderr (torchrun), and stderr unbuffered
+    # (`python -u`), print's separate write of the newline lets another process's line in between
+    if sys.stderr is not None:  # None when started with stderr closed: the exit status still tells
+        sys.stderr.write(f"{prog}: {message}\n")
+        sys.stderr.flush()
     raise SystemExit(code)
 
 
