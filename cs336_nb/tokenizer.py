@@ -245,6 +245,32 @@ def _bpe_merge(ids: list[int], ranks: dict[tuple[int, int], tuple[int, int]]) ->
         ids = _merge_pair(ids, ids[i], ids[i + 1], new_id)
     return ids
 
+# %% ../nbs/06_tokenizer.ipynb #e753cc68
+class _PythonBPE:
+    """Pure-Python BPE for text without special tokens: pre-tokenise, then merge each pre-token (memoised)."""
+
+    def __init__(
+        self, token_to_id: dict[bytes, int], ranks: dict[tuple[int, int], tuple[int, int]], max_cached=100_000
+    ):
+        self.token_to_id, self.ranks, self.max_cached = token_to_id, ranks, max_cached
+        self.cache: dict[str, list[int]] = {}  # pre-token -> its ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Token ids of `text`, which holds no special tokens (as tiktoken's `Encoding.encode_ordinary`)."""
+        out = []
+        for pre in _PRETOKEN_RE.findall(text):
+            ids = self.cache.get(pre)
+            if ids is None:
+                if len(self.cache) >= self.max_cached:
+                    self.cache.clear()  # bound the memo
+                try:
+                    ids = [self.token_to_id[bytes([b])] for b in pre.encode("utf-8")]
+                except KeyError as e:
+                    raise ValueError(f"can not encode {pre!r}: byte {e.args[0]!r} is not in the vocabulary") from None
+                ids = self.cache[pre] = _bpe_merge(ids, self.ranks)
+            out.extend(ids)
+        return out
+
 # %% ../nbs/06_tokenizer.ipynb #7903110d
 _tiktoken_warned: set[str] = set()
 
@@ -297,6 +323,18 @@ def _tiktoken_encoding(vocab: dict[int, bytes], merges, special_to_id: dict[str,
         name="cs336_nb", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=dict(special_to_id)
     )
 
+# %% ../nbs/06_tokenizer.ipynb #25ea516e
+def _encode_text(text: str, splitter, special_to_id: dict[str, int], encode_ordinary) -> list[int]:
+    """Ids of `text`: special tokens (found by `splitter`) by `special_to_id`, the pieces between by `encode_ordinary`."""
+    pieces = [text] if splitter is None else splitter.split(text)
+    out = []
+    for k, piece in enumerate(pieces):
+        if k % 2 == 1:
+            out.append(special_to_id[piece])  # the capture group puts special tokens at odd positions
+        elif piece:
+            out += encode_ordinary(piece)
+    return out
+
 # %% ../nbs/06_tokenizer.ipynb #cb052cd0
 _LAST_BOUNDARY = regex.compile(r"(?r)\S(?=\s)")  # searched backwards: the last non-space before a space
 
@@ -315,6 +353,18 @@ def _safe_cut(buf: str, special_tokens: list[str], splitter) -> int:
             if s.start() < cut < s.end() or s.start() >= cut:
                 cut = s.start()  # never inside; a special's start is a boundary
     return cut
+
+# %% ../nbs/06_tokenizer.ipynb #bda08551
+def _safe_chunks(iterable: Iterable[str], chunk_chars: int, special_tokens: list[str], splitter) -> Iterator[str]:
+    """The strings of `iterable`, joined and cut at safe places into chunks of about `chunk_chars` characters."""
+    buf = ""
+    for text in iterable:
+        buf += text
+        if len(buf) >= chunk_chars and (cut := _safe_cut(buf, special_tokens, splitter)):
+            yield buf[:cut]
+            buf = buf[cut:]
+    if buf:
+        yield buf
 
 # %% ../nbs/06_tokenizer.ipynb #cccaec71
 def _read_gpt2_files(vocab_filepath, merges_filepath) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
@@ -366,6 +416,21 @@ def _write_gpt2_files(directory: Path, vocab: dict[int, bytes], merges, special_
     _write_text(directory / "merges.txt", "#version: 0.2\n" + "".join(f"{remap(a)} {remap(b)}\n" for a, b in merges))
     _write_text(directory / "special_tokens.json", json.dumps(special_tokens, ensure_ascii=False) + "\n")
 
+# %% ../nbs/06_tokenizer.ipynb #7e3e8da7
+def _read_tokenizer_dir(directory: Path) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]], list[str]]:
+    """(vocab, merges, special tokens) from a directory written by `Tokenizer.save`."""
+    for name in ("vocab.json", "merges.txt", "special_tokens.json"):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"no tokenizer in {directory}: {name} is missing (write one with Tokenizer.save)")
+    path = directory / "special_tokens.json"
+    try:
+        specials = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}; rewrite it with Tokenizer.save)") from None
+    if not (isinstance(specials, list) and all(isinstance(t, str) for t in specials)):
+        raise ValueError(f"{path} must hold a JSON list of strings (rewrite it with Tokenizer.save)")
+    return *_read_gpt2_files(directory / "vocab.json", directory / "merges.txt"), specials
+
 # %% ../nbs/06_tokenizer.ipynb #f4ff9c8c
 def _lookups(vocab: dict[int, bytes], merges, special_tokens: list[str]) -> tuple[dict, dict, dict]:
     """(bytes -> id, special token -> id, (id_a, id_b) -> (merge rank, merged id)); adds missing specials to `vocab`."""
@@ -391,10 +456,11 @@ class Tokenizer:
             raise ValueError(f"backend must be 'auto', 'python' or 'tiktoken', not {backend!r}")
         self.vocab, self.merges = dict(vocab), list(merges)
         self.special_tokens = list(dict.fromkeys(special_tokens or []))
-        self.token_to_id, self.special_to_id, self._ranks = _lookups(self.vocab, self.merges, self.special_tokens)
+        self.token_to_id, self.special_to_id, ranks = _lookups(self.vocab, self.merges, self.special_tokens)
         self._splitter = _special_splitter(self.special_tokens)
-        self._cache: dict[str, list[int]] = {}
+        self._python = _PythonBPE(self.token_to_id, ranks)
         self._tiktoken = _tiktoken_encoding(self.vocab, self.merges, self.special_to_id, backend)
+        self._encoder = self._python if self._tiktoken is None else self._tiktoken
         self.backend = "python" if self._tiktoken is None else "tiktoken"
 
     @classmethod
@@ -405,78 +471,25 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, directory: str | os.PathLike, backend: str = "auto") -> "Tokenizer":
         """Load a tokenizer written by `save`."""
-        directory = Path(directory)
-        for name in ("vocab.json", "merges.txt", "special_tokens.json"):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(
-                    f"no tokenizer in {directory}: {name} is missing (write one with Tokenizer.save)"
-                )
-        try:
-            specials = json.loads((directory / "special_tokens.json").read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise ValueError(
-                f"{directory / 'special_tokens.json'} is not valid JSON ({e}; rewrite it with Tokenizer.save)"
-            ) from None
-        if not (isinstance(specials, list) and all(isinstance(t, str) for t in specials)):
-            raise ValueError(
-                f"{directory / 'special_tokens.json'} must hold a JSON list of strings (rewrite it with Tokenizer.save)"
-            )
-        return cls.from_files(directory / "vocab.json", directory / "merges.txt", specials, backend=backend)
+        return cls(*_read_tokenizer_dir(Path(directory)), backend=backend)
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write `vocab.json`, `merges.txt` and `special_tokens.json` into `directory`; return it."""
         _write_gpt2_files(Path(directory), self.vocab, self.merges, self.special_tokens)
         return Path(directory)
 
-    def _segments(self, text: str) -> Iterator[tuple[bool, str]]:
-        """Yield (is_special, piece): the text split at special tokens, longest first."""
-        pieces = [text] if self._splitter is None else self._splitter.split(text)
-        for k, piece in enumerate(pieces):
-            if piece:
-                yield k % 2 == 1, piece  # the capture group puts special tokens at odd positions
-
-    def _encode_ordinary(self, piece: str) -> list[int]:
-        """Pure-Python encoding of text without special tokens: pre-tokenise, merge each pre-token (memoised)."""
-        out = []
-        for pre in _PRETOKEN_RE.findall(piece):
-            ids = self._cache.get(pre)
-            if ids is None:
-                if len(self._cache) >= 100_000:
-                    self._cache.clear()  # bound the memo
-                try:
-                    ids = [self.token_to_id[bytes([b])] for b in pre.encode("utf-8")]
-                except KeyError as e:
-                    raise ValueError(f"can not encode {pre!r}: byte {e.args[0]!r} is not in the vocabulary") from None
-                ids = self._cache[pre] = _bpe_merge(ids, self._ranks)
-            out.extend(ids)
-        return out
-
     def encode_reference(self, text: str) -> list[int]:
         """Pure-Python encoding: split out special tokens, pre-tokenise, apply the merges."""
-        out = []
-        for special, piece in self._segments(text):
-            out += [self.special_to_id[piece]] if special else self._encode_ordinary(piece)
-        return out
+        return _encode_text(text, self._splitter, self.special_to_id, self._python.encode_ordinary)
 
     def encode(self, text: str) -> list[int]:
         """Encode text to token ids (tiktoken when proven equal to the reference, else the reference)."""
-        if self._tiktoken is None:
-            return self.encode_reference(text)
-        out = []
-        for special, piece in self._segments(text):
-            out += [self.special_to_id[piece]] if special else self._tiktoken.encode_ordinary(piece)
-        return out
+        return _encode_text(text, self._splitter, self.special_to_id, self._encoder.encode_ordinary)
 
     def encode_chunks(self, iterable: Iterable[str], chunk_chars: int = 1 << 16) -> Iterator[list[int]]:
         """Encode an iterable of strings lazily, one list of ids per safe chunk of about `chunk_chars` characters."""
-        buf = ""
-        for text in iterable:
-            buf += text
-            if len(buf) >= chunk_chars and (cut := _safe_cut(buf, self.special_tokens, self._splitter)):
-                yield self.encode(buf[:cut])
-                buf = buf[cut:]
-        if buf:
-            yield self.encode(buf)
+        for chunk in _safe_chunks(iterable, chunk_chars, self.special_tokens, self._splitter):
+            yield self.encode(chunk)
 
     def encode_iterable(self, iterable: Iterable[str], chunk_chars: int = 1 << 16) -> Iterator[int]:
         """Lazily encode an iterable of strings (an open file, say), holding about `chunk_chars` characters at a time."""
