@@ -5,7 +5,6 @@
 # %% ../nbs/13_export.ipynb #9b7b0639
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -15,13 +14,13 @@ from torch import Tensor
 
 from .checkpoint import find_checkpoint
 from .model import MODEL_KEYS, TransformerLM
-from .runtime import load_model, run_cli, run_tokenizer_dir
+from .runtime import checkpoint_parser, load_model, run_cli, run_tokenizer_dir
 from .tokenizer import GPT2_PATTERN, Tokenizer, bytes_to_unicode
 
 # %% auto #0
 __all__ = ['MissingExtraError', 'pairs_to_halves', 'halves_to_pairs', 'check_llama', 'hf_config', 'to_hf_state_dict',
            'hf_tokenizer', 'save_hf_tokenizer', 'save_hf', 'read_hf_config', 'read_hf_llama', 'load_hf_weights',
-           'export', 'main']
+           'load_hf_model', 'export', 'main']
 
 # %% ../nbs/13_export.ipynb #61f5b1f6
 class MissingExtraError(ImportError, ValueError):
@@ -353,6 +352,14 @@ def load_hf_weights(model: TransformerLM, directory: str | os.PathLike) -> Trans
     model.load_state_dict(state)
     return model
 
+
+def load_hf_model(directory: str | os.PathLike, device=None, dtype=None) -> TransformerLM:
+    """The `TransformerLM` in a local Hugging Face Llama directory: its config, then its weights (`from_hf`)."""
+    config, state = read_hf_llama(directory)  # q/k rows permuted back to our RoPE pairs
+    model = TransformerLM.from_config(config, device=device, dtype=dtype)
+    model.load_state_dict(state)
+    return model
+
 # %% ../nbs/13_export.ipynb #8a55bd3d
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -375,14 +382,12 @@ def export(
 
 def main(argv: list[str] | None = None) -> Path:
     """`python -m cs336_nb.export`: write a checkpoint as a Hugging Face Llama directory."""
-    parser = argparse.ArgumentParser(
-        prog="python -m cs336_nb.export",
-        description="Write a cs336_nb checkpoint as a Hugging Face Llama directory (config.json, "
+    parser = checkpoint_parser(
+        "export",
+        "Write a cs336_nb checkpoint as a Hugging Face Llama directory (config.json, "
         "model.safetensors, tokenizer.json) that transformers' from_pretrained and pipeline load.",
     )
-    parser.add_argument("checkpoint", help="a run directory (its newest checkpoint_<iter>.pt) or a checkpoint file")
     parser.add_argument("--out", required=True, help="directory to write (created if needed)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: <run>/tokenizer)")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     args = parser.parse_args(argv)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from .layers import softmax
-from .model import TransformerLM
+from .model import TransformerLM, new_kv_cache
 from .runtime import load_model, resolve_device, run_cli, run_tokenizer_dir, set_threads
 from .tokenizer import Tokenizer
 
@@ -104,7 +104,7 @@ def stream_generate(
     _check_sampling(temperature, top_p, top_k)  # before any work, not at the first token
     context_length = model.context_length
     device = _model_device(model)
-    cache = model.new_kv_cache(1) if use_cache and max_new_tokens > 0 else None
+    cache = new_kv_cache(model, 1) if use_cache and max_new_tokens > 0 else None
     fresh = ids[-context_length:]  # tokens the cache has not seen yet
     for _ in range(max_new_tokens):
         if cache is None:

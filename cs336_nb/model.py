@@ -4,11 +4,9 @@
 
 # %% auto #0
 __all__ = ['MODEL_KEYS', 'REQUIRED_MODEL_KEYS', 'TransformerBlock', 'check_context_length', 'check_model_config', 'TransformerLM',
-           'count_parameters', 'forward_flops', 'training_flops_per_token']
+           'new_kv_cache', 'count_parameters', 'forward_flops', 'training_flops_per_token']
 
 # %% ../nbs/02_model.ipynb #2b56e5cd
-import inspect
-
 import torch
 from torch import Tensor, nn
 
@@ -85,6 +83,16 @@ def check_context_length(num_tokens: int, context_length: int, what: str = "sequ
 
 def check_model_config(config: dict) -> None:
     """Raise a one-line ValueError naming the key for a model config no `TransformerLM` can be built from."""
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"a model config is a dict of {', '.join(REQUIRED_MODEL_KEYS)}, ...; got {type(config).__name__}"
+        )
+    missing = [key for key in REQUIRED_MODEL_KEYS if config.get(key) is None]
+    if missing:
+        raise ValueError(
+            f"the model config lacks {', '.join(missing)} (a run's config.json or checkpoint records all of "
+            f"{', '.join(REQUIRED_MODEL_KEYS)})"
+        )
     for key in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff"):
         value = config.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -128,62 +136,28 @@ class TransformerLM(nn.Module):
         device=None,
         dtype=None,
     ):
+        config = {key: value for key, value in locals().items() if key in MODEL_KEYS}  # the twelve shape arguments
         super().__init__()
         self.vocab_size, self.context_length = vocab_size, context_length
-        self._config = {  # exactly MODEL_KEYS: what from_config needs to rebuild this model
-            "vocab_size": vocab_size,
-            "context_length": context_length,
-            "d_model": d_model,
-            "num_layers": num_layers,
-            "num_heads": num_heads,
-            "d_ff": d_ff,
-            "rope_theta": rope_theta,
-            "remove_rmsnorm": remove_rmsnorm,
-            "use_post_norm": use_post_norm,
-            "remove_rope": remove_rope,
-            "ffn_type": ffn_type,
-            "tie_embeddings": tie_embeddings,
-        }
-        self.token_embeddings = Embedding(vocab_size, d_model, device=device, dtype=dtype)
+        self.config = config  # the model's shape: exactly MODEL_KEYS, JSON-ready, what a checkpoint records
+        factory_kwargs = {"device": device, "dtype": dtype}
+        theta = None if remove_rope else rope_theta
+        options = dict(
+            use_post_norm=use_post_norm, remove_rmsnorm=remove_rmsnorm, ffn_type=ffn_type, attn_impl=attn_impl
+        )
+        self.token_embeddings = Embedding(vocab_size, d_model, **factory_kwargs)
         self.layers = nn.ModuleList(
-            TransformerBlock(
-                d_model,
-                num_heads,
-                d_ff,
-                context_length,
-                None if remove_rope else rope_theta,
-                use_post_norm=use_post_norm,
-                remove_rmsnorm=remove_rmsnorm,
-                ffn_type=ffn_type,
-                attn_impl=attn_impl,
-                device=device,
-                dtype=dtype,
-            )
+            TransformerBlock(d_model, num_heads, d_ff, context_length, theta, **options, **factory_kwargs)
             for _ in range(num_layers)
         )
-        self.ln_final = nn.Identity() if remove_rmsnorm else RMSNorm(d_model, device=device, dtype=dtype)
-        self.lm_head = Linear(d_model, vocab_size, device=device, dtype=dtype)
+        self.ln_final = nn.Identity() if remove_rmsnorm else RMSNorm(d_model, **factory_kwargs)
+        self.lm_head = Linear(d_model, vocab_size, **factory_kwargs)
         if tie_embeddings:
             self.lm_head.weight = self.token_embeddings.weight  # one Parameter under two names
-
-    @property
-    def config(self) -> dict:
-        """The model's shape as a plain dict of exactly `MODEL_KEYS` (JSON-ready; what a checkpoint records)."""
-        return dict(self._config)
 
     @classmethod
     def from_config(cls, config: dict, device=None, dtype=None) -> "TransformerLM":
         """The model a config describes; keys outside `MODEL_KEYS` are ignored, a missing required one raises."""
-        if not isinstance(config, dict):
-            raise ValueError(
-                f"a model config is a dict of {', '.join(REQUIRED_MODEL_KEYS)}, ...; got {type(config).__name__}"
-            )
-        missing = [key for key in REQUIRED_MODEL_KEYS if config.get(key) is None]
-        if missing:
-            raise ValueError(
-                f"the model config lacks {', '.join(missing)} (a run's config.json or checkpoint records all of "
-                f"{', '.join(REQUIRED_MODEL_KEYS)})"
-            )
         check_model_config(config)
         kwargs = {key: config[key] for key in MODEL_KEYS if config.get(key) is not None}  # None: the default
         return cls(**kwargs, device=device, dtype=dtype)
@@ -191,28 +165,9 @@ class TransformerLM(nn.Module):
     @classmethod
     def from_hf(cls, directory, device=None, dtype=None) -> "TransformerLM":
         """The model in a local Hugging Face Llama directory (MHA, no biases, plain RoPE); see the export chapter."""
-        from cs336_nb.export import read_hf_llama  # needs the optional safetensors package (pip install -e ".[hf]")
+        from cs336_nb.export import load_hf_model  # needs the optional safetensors package (pip install -e ".[hf]")
 
-        config, state_dict = read_hf_llama(directory)  # q/k rows permuted back to our RoPE pairs
-        model = cls.from_config(config, device=device, dtype=dtype)
-        model.load_state_dict(state_dict)
-        return model
-
-    def new_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
-        """An empty KV cache for batch_size sequences of up to max_len (default context_length) tokens."""
-        max_len = self.context_length if max_len is None else max_len
-        check_context_length(max_len, self.context_length, what="KV cache max_len")
-        attn = self.layers[0].attn
-        weight = self.lm_head.weight
-        return KVCache(
-            len(self.layers),
-            batch_size,
-            attn.num_heads,
-            max_len,
-            attn.d_head,
-            device=weight.device,
-            dtype=dtype or weight.dtype,
-        )
+        return load_hf_model(directory, device=device, dtype=dtype)
 
     def forward(self, token_ids: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         """Logits (B, T, vocab_size) for token_ids (B, T); with kv_cache, only for the new tokens."""
@@ -221,7 +176,7 @@ class TransformerLM(nn.Module):
         T = token_ids.shape[1]
         if kv_cache is None:
             check_context_length(T, self.context_length)
-        if kv_cache is not None:
+        else:
             kv_cache.check_room(T)  # before any layer writes, so a failed call leaves the cache intact
         x = self.token_embeddings(token_ids)  # (B, T, d_model)
         for i, layer in enumerate(self.layers):
@@ -230,41 +185,32 @@ class TransformerLM(nn.Module):
             kv_cache.advance(T)
         return self.lm_head(self.ln_final(x))  # (B, T, vocab_size)
 
+# %% ../nbs/02_model.ipynb #d058b299
+def new_kv_cache(model: TransformerLM, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
+    """An empty KV cache for `batch_size` sequences of up to `max_len` (default: context_length) tokens of `model`."""
+    max_len = model.context_length if max_len is None else max_len
+    check_context_length(max_len, model.context_length, what="KV cache max_len")
+    attn, weight = model.layers[0].attn, model.lm_head.weight
+    shape = (len(model.layers), batch_size, attn.num_heads, max_len, attn.d_head)
+    return KVCache(*shape, device=weight.device, dtype=dtype or weight.dtype)
+
 # %% ../nbs/02_model.ipynb #b35aa7d0
-def count_parameters(
-    vocab_size: int,
-    context_length: int,
-    d_model: int,
-    num_layers: int,
-    num_heads: int,
-    d_ff: int,
-    tie_embeddings: bool = False,
-    ffn_type: str = "swiglu",
-    remove_rmsnorm: bool = False,
-) -> int:
-    """Trainable parameters of a TransformerLM of this shape (context_length and num_heads do not matter)."""
-    ffn = (3 if ffn_type == "swiglu" else 2) * d_model * d_ff
-    norms = 0 if remove_rmsnorm else 2 * d_model
-    per_layer = 4 * d_model * d_model + ffn + norms
-    embeddings = vocab_size * d_model * (1 if tie_embeddings else 2)  # token_embeddings (+ lm_head)
-    return embeddings + num_layers * per_layer + (0 if remove_rmsnorm else d_model)
+def count_parameters(config: dict) -> int:
+    """Trainable parameters of the `TransformerLM` a model config describes (`model.config`, or a run's config)."""
+    d_model, d_ff, vocab_size = config["d_model"], config["d_ff"], config["vocab_size"]
+    ffn = (3 if config.get("ffn_type", "swiglu") == "swiglu" else 2) * d_model * d_ff
+    norms = 0 if config.get("remove_rmsnorm") else d_model  # one gain vector per RMSNorm
+    embeddings = vocab_size * d_model * (1 if config.get("tie_embeddings") else 2)  # token_embeddings (+ lm_head)
+    return embeddings + config["num_layers"] * (4 * d_model * d_model + ffn + 2 * norms) + norms
 
 # %% ../nbs/02_model.ipynb #2caf04ec
-def forward_flops(
-    vocab_size: int,
-    context_length: int,
-    d_model: int,
-    num_layers: int,
-    num_heads: int,
-    d_ff: int,
-    batch_size: int = 1,
-    ffn_type: str = "swiglu",
-) -> dict[str, int]:
+def forward_flops(config: dict, batch_size: int = 1) -> dict[str, int]:
     """Matmul FLOPs (2*m*n*p each) of one forward pass over batch_size full-length sequences, by component."""
+    d_model, num_layers, context_length = config["d_model"], config["num_layers"], config["context_length"]
     tokens = batch_size * context_length
     projection = 2 * tokens * d_model * d_model  # one of q/k/v/output_proj in one layer
     attention = 2 * tokens * context_length * d_model  # QK^T (or weights @ V), all heads of one layer
-    ffn_matrices = 3 if ffn_type == "swiglu" else 2
+    ffn_matrices = 3 if config.get("ffn_type", "swiglu") == "swiglu" else 2
     flops = {
         "q_proj": num_layers * projection,
         "k_proj": num_layers * projection,
@@ -272,16 +218,13 @@ def forward_flops(
         "output_proj": num_layers * projection,
         "attn_scores": num_layers * attention,
         "attn_values": num_layers * attention,
-        "ffn": num_layers * ffn_matrices * 2 * tokens * d_model * d_ff,
-        "lm_head": 2 * tokens * d_model * vocab_size,
+        "ffn": num_layers * ffn_matrices * 2 * tokens * d_model * config["d_ff"],
+        "lm_head": 2 * tokens * d_model * config["vocab_size"],
     }
     flops["total"] = sum(flops.values())
     return flops
 
 # %% ../nbs/02_model.ipynb #69eee0d8
-def training_flops_per_token(*args, **kwargs) -> float:
-    """Training (forward + backward) FLOPs per token: 3x the forward matmul FLOPs; arguments as `forward_flops`."""
-    shape = inspect.signature(forward_flops).bind(*args, **kwargs)
-    shape.apply_defaults()
-    tokens = shape.arguments["batch_size"] * shape.arguments["context_length"]
-    return 3 * forward_flops(**shape.arguments)["total"] / tokens
+def training_flops_per_token(config: dict) -> float:
+    """Training (forward + backward) FLOPs per token: 3x the forward matmul FLOPs of one full-length sequence."""
+    return 3 * forward_flops(config)["total"] / config["context_length"]
