@@ -19,6 +19,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -57,9 +58,7 @@ class BenchConfig:
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward), from the model chapter's count."""
-        return training_flops_per_token(
-            self.vocab_size, self.context_length, self.d_model, self.num_layers, self.num_heads, self.d_ff
-        )
+        return training_flops_per_token(self.model_kwargs())
 
 # %% ../nbs/11_bench.ipynb #9ee7586b
 def load_bench_config(path: str | os.PathLike | None = None, **overrides) -> BenchConfig:
@@ -122,19 +121,11 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class NativeLM(nn.Module):
     """The torch-native peer of TransformerLM: same shape and FLOPs, PyTorch's own building blocks."""
 
-    def __init__(
-        self,
-        vocab_size: int,
-        context_length: int,
-        d_model: int,
-        num_layers: int,
-        num_heads: int,
-        d_ff: int,
-        rope_theta: float,
-        device=None,
-        dtype=None,
-    ):
+    def __init__(self, config: dict, device=None, dtype=None):
+        """The plain model (no ablation switches) of a model config, as `TransformerLM.from_config` reads it."""
         super().__init__()
+        vocab_size, d_model, num_heads, d_ff = (config[k] for k in ("vocab_size", "d_model", "num_heads", "d_ff"))
+        context_length, num_layers, rope_theta = config["context_length"], config["num_layers"], config["rope_theta"]
         self.embed = nn.Embedding(vocab_size, d_model, device=device, dtype=dtype)
         self.blocks = nn.ModuleList(NativeBlock(d_model, num_heads, d_ff, device, dtype) for _ in range(num_layers))
         self.norm = nn.RMSNorm(d_model, eps=1e-5, device=device, dtype=dtype)
@@ -203,7 +194,7 @@ def build_contender(
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}: choose from {', '.join(VARIANTS)}")
     if name == "native":
-        model = NativeLM(**cfg.model_kwargs(), device=device)
+        model = NativeLM(cfg.model_kwargs(), device=device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
         step_fn = native_train_step
     elif name == "ours":
@@ -465,22 +456,14 @@ def _op_group(name: str) -> str:
     return name
 
 
-def profile_step(
-    contender: Contender,
-    data: np.ndarray,
-    cfg: BenchConfig,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    top: int = 8,
-    repeats: int = 3,
-) -> list[tuple[str, float]]:
-    """(group or operator, seconds of own CPU time) in the fastest of `repeats` profiled training steps:
-    the groups, then the `top` other operators."""
-    timed_step(contender, data, cfg, device, amp_dtype)  # warm: optimizer state exists, kernels chosen
+def profile_step(step: Callable[[], object], top: int = 8, repeats: int = 3) -> list[tuple[str, float]]:
+    """(group or operator, seconds of own CPU time) in the fastest of `repeats` profiled calls of `step`
+    (one training step, e.g. a `timed_step` with its arguments bound): the groups, then the `top` other operators."""
+    step()  # warm: optimizer state exists, kernels chosen
     spent = None
     for _ in range(repeats):  # on a shared machine, the fastest step is the least disturbed one
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            timed_step(contender, data, cfg, device, amp_dtype)
+            step()
         this = defaultdict(float)
         for event in prof.key_averages():
             this[_op_group(event.key)] += event.self_cpu_time_total / 1e6
@@ -657,7 +640,7 @@ def _print_profiles(cfg: BenchConfig, device: torch.device, dtype: str, compile:
     for name in variants:
         contender = build_contender(name, cfg, device, compile)
         print(f"\n{name}: one step, own CPU time per operator\n")
-        print(format_profile(profile_step(contender, data, cfg, device, amp_dtype)))
+        print(format_profile(profile_step(partial(timed_step, contender, data, cfg, device, amp_dtype))))
 
 # %% ../nbs/11_bench.ipynb #93fb684b
 #| eval: false
