@@ -5,7 +5,6 @@
 # %% ../nbs/14_evaluate.ipynb #a21dfe8e
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -19,7 +18,7 @@ from tqdm import tqdm
 
 from .data import load_dataset
 from .model import TransformerLM
-from .runtime import atomic_write_json, load_model, run_cli, run_tokenizer_dir, set_threads
+from .runtime import atomic_write_json, checkpoint_parser, load_model, run_cli, run_tokenizer_dir, set_threads
 from .tokenizer import Tokenizer
 
 # %% auto #0
@@ -170,16 +169,14 @@ def _default_out(result: dict) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     """`python -m cs336_nb.evaluate`: loss, perplexity and bits per byte of a checkpoint over a whole input."""
-    parser = argparse.ArgumentParser(
-        prog="python -m cs336_nb.evaluate",
-        description="Score a cs336_nb checkpoint on a whole text or token file with a sliding window: "
+    parser = checkpoint_parser(
+        "evaluate",
+        "Score a cs336_nb checkpoint on a whole text or token file with a sliding window: "
         "mean loss, perplexity and bits per byte.",
     )
-    parser.add_argument("checkpoint", help="a run directory (its newest checkpoint_<iter>.pt) or a checkpoint file")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="a UTF-8 text file, encoded with the run's tokenizer")
     source.add_argument("--data", help="a token array (.npy as prepare writes it, or raw .bin with a dtype sidecar)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: <run>/tokenizer)")
     parser.add_argument("--stride", type=int, default=None, help="window step in tokens (default: context_length)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     parser.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")

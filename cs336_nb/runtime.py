@@ -6,9 +6,10 @@
 __all__ = ['SMALL_MODEL_PARAMS', 'MALLOC_TUNABLES', 'MALLOC_OPT_OUT', 'resolve_device', 'available_cores', 'choose_threads',
            'default_threads', 'set_threads', 'tuned_malloc_env', 'relaunch_with_tuned_malloc',
            'bf16_autocast_is_slower', 'atomic_write_text', 'atomic_write_json', 'DirectoryLock', 'load_model',
-           'run_tokenizer_dir', 'describe_os_error', 'run_cli']
+           'run_tokenizer_dir', 'checkpoint_parser', 'describe_os_error', 'run_cli']
 
 # %% ../nbs/05b_runtime.ipynb #c40c64ac
+import argparse
 import errno
 import fcntl
 import functools
@@ -200,6 +201,39 @@ def _describe_holder(holder: dict) -> str:
     )
 
 
+def _write_holder(fd: int, owner: str) -> dict | None:
+    """Record this process as the holder in the lock file; return what a previous holder left (None: it released)."""
+    previous = _read_holder(fd)
+    record = {
+        "owner": owner,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    return previous
+
+# %% ../nbs/05b_runtime.ipynb #3c52151e
+def _flock_or_refuse(path: Path, directory: Path) -> int:
+    """A descriptor of `path` holding its exclusive `flock`; else a one-line ValueError naming the live holder."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # close-on-exec: subprocesses do not inherit it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise ValueError(
+            f"{directory} is in use by {_describe_holder(holder or {})} "
+            "(wait for it to finish, stop it, or use another directory)"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class DirectoryLock:
     """One live holder per directory: an exclusive `flock` on `<directory>/.lock`, whose contents say who holds it."""
 
@@ -219,30 +253,9 @@ class DirectoryLock:
         if self._fd is not None:
             return self
         self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # close-on-exec: subprocesses do not inherit it
+        fd = _flock_or_refuse(self.path, self.directory)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise ValueError(
-                f"{self.directory} is in use by {_describe_holder(holder or {})} "
-                "(wait for it to finish, stop it, or use another directory)"
-            ) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
-            previous = _read_holder(fd)
-            record = {
-                "owner": self.owner,
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            }
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+            previous = _write_holder(fd, self.owner)
         except BaseException:
             os.close(fd)
             raise
@@ -321,6 +334,14 @@ def run_tokenizer_dir(src: str | os.PathLike, override: str | os.PathLike | None
             f"{run_dir} has no tokenizer/ folder (pass --tokenizer DIR, the tokenizer the run was trained with)"
         )
     return path
+
+# %% ../nbs/05b_runtime.ipynb #84def682
+def checkpoint_parser(module: str, description: str) -> argparse.ArgumentParser:
+    """The parser of `python -m cs336_nb.<module> RUN_OR_CHECKPOINT [--tokenizer DIR]`; the command adds the rest."""
+    parser = argparse.ArgumentParser(prog=f"python -m cs336_nb.{module}", description=description)
+    parser.add_argument("checkpoint", help="a run directory (its newest checkpoint_<iter>.pt) or a checkpoint file")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: <run>/tokenizer)")
+    return parser
 
 # %% ../nbs/05b_runtime.ipynb #79c17484
 _OS_ERROR_FIXES = {
