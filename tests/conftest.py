@@ -13,7 +13,9 @@ DATA = NBS / "data"  # test data shipped with the repository (see nbs/data/READM
 
 
 @pytest.fixture(autouse=True)
-def _quiet_wandb(monkeypatch):
+def _this_checkout_offline(monkeypatch):
+    # every subprocess a test starts imports this checkout's cs336_nb, whatever pip last installed
+    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     # tests never reach the network: W&B runs offline unless a test says otherwise
     monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "offline"))
     monkeypatch.setenv("WANDB_SILENT", "true")
