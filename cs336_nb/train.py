@@ -7,8 +7,9 @@ __all__ = ['TrainConfig', 'config_from_dict', 'load_config_file', 'build_parser'
            'resolve_config', 'batch_generator', 'micro_batches', 'train_step', 'DistributedContext',
            'distributed_from_env', 'start_process_group', 'setup_device', 'StopFlag', 'estimate_loss',
            'why_not_trainable', 'MetricsLog', 'RunLog', 'start_wandb', 'NonFiniteLossError', 'build_model',
-           'build_optimizer', 'format_config', 'data_tokenizer_dir', 'RunDirectory', 'run_device', 'run_id_for',
-           'load_run_data', 'build_for_run', 'Resumed', 'resume_from', 'parallelize', 'StepPlan', 'StepLog',
+           'build_optimizer', 'format_config', 'data_tokenizer_dir', 'copy_tokenizer', 'directory_owner', 'check_owner',
+           'open_metrics', 'RunDirectory', 'run_device', 'run_id_for', 'load_run_data', 'build_for_run', 'Resumed',
+           'resume_from', 'nothing_to_train', 'parallelize', 'StepPlan', 'Validation', 'RunClock', 'StepLog',
            'on_rank_0', 'RunFiles', 'Trainer', 'main']
 
 # %% ../nbs/08_train.ipynb #f2734871
@@ -29,7 +30,7 @@ import types
 import typing
 import uuid
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -455,6 +456,11 @@ class StopFlag:
             os.kill(os.getpid(), signum)
         self.signum = signum  # only a flag: printing here could re-enter print()
 
+    @property
+    def name(self) -> str:
+        """The name of the signal that set the flag, e.g. SIGTERM."""
+        return signal.Signals(self.signum).name
+
     def is_set(self) -> bool:
         """Whether any process was asked to stop (one tiny all-reduce under torchrun)."""
         flag = self.signum or 0
@@ -702,6 +708,58 @@ def data_tokenizer_dir(cfg: TrainConfig) -> Path | None:
     return next((c for c in candidates if c.is_dir()), None)
 
 
+def copy_tokenizer(source: Path | None, run_dir: Path, log: RunLog) -> None:
+    """Copy the run's tokenizer into `run_dir/tokenizer/` (once); without one, say so in one line."""
+    dest = run_dir / "tokenizer"
+    if dest.exists():
+        return
+    if source is None or not source.is_dir():
+        what = f"tokenizer_dir {source} does not exist" if source is not None else "no tokenizer is recorded"
+        log.print(f"Note: {what}, so the run has no tokenizer/ (generate will need --tokenizer DIR)")
+        return
+    tmp = run_dir / ".tokenizer.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    os.replace(tmp, dest)  # whole or not at all
+    log.print(f"Tokenizer: copied {source} to {dest}")
+
+# %% ../nbs/08_train.ipynb #c4d01b20
+def directory_owner(path: str | os.PathLike) -> str | None:
+    """The run id recorded in `path`: in config.json, else in the newest checkpoint; None if none is."""
+    path = Path(path)
+    try:
+        recorded = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        if isinstance(recorded, dict) and isinstance(recorded.get("run_id"), str):
+            return recorded["run_id"]
+    except (OSError, ValueError):  # absent, unreadable or torn: ask the checkpoints
+        pass
+    found = list_checkpoints(path) if path.is_dir() else []
+    try:
+        return read_checkpoint(found[-1][1]).get("run_id") if found else None
+    except CheckpointError:
+        return None
+
+
+def check_owner(path: str | os.PathLike, run_id: str, resume_from: Path | None = None) -> None:
+    """Raise ValueError, touching nothing, if `path` holds a run other than `run_id` (resumed from `resume_from`)."""
+    path = Path(path)
+    checkpoints = list_checkpoints(path) if path.is_dir() else []
+    if resume_from is None:
+        if checkpoints:
+            raise ValueError(
+                f"{path} already holds checkpoints of another run "
+                "(pass --resume auto to continue it, or choose another --checkpoint-dir)"
+            )
+        return
+    owner = directory_owner(path)
+    here = resume_from.resolve().parent == path.resolve()
+    if (owner is not None and owner != run_id) or (owner is None and checkpoints and not here):
+        raise ValueError(
+            f"--checkpoint-dir {path} holds another run{f' ({owner})' if owner else ''}, not the run of "
+            f"{resume_from} ({run_id}): resume into {resume_from.parent} or an empty --checkpoint-dir"
+        )
+
+# %% ../nbs/08_train.ipynb #dcf1baf0
 def _set_aside(path: Path) -> Path:
     """Rename `path` to `path.superseded` (or `.superseded.N` when taken); never overwrite anything."""
     target, n = path.with_name(path.name + ".superseded"), 0
@@ -711,44 +769,35 @@ def _set_aside(path: Path) -> Path:
     path.rename(target)
     return target
 
+
+def open_metrics(run_dir: Path, resume_step: int | None, log: RunLog) -> MetricsLog:
+    """`run_dir/metrics.jsonl` for a fresh run (`resume_step` None) or a resume; what it replaces is set aside."""
+    path = run_dir / "metrics.jsonl"
+    if resume_step is None:  # a fresh run: an earlier run here never saved a checkpoint
+        earlier = [p for p in (run_dir / "config.json", path) if p.exists()]
+        if earlier:
+            log.print(f"Set aside {', '.join(p.name for p in earlier)} of an earlier run with no checkpoint")
+        for p in earlier:
+            _set_aside(p)
+        return MetricsLog(path)
+    newer = [p for it, p in list_checkpoints(run_dir) if it > resume_step]
+    metrics = MetricsLog(path, resume_step, side_file=path.with_name(path.name + ".superseded") if newer else None)
+    for warning in metrics.warnings:
+        log.warn(warning)
+    if newer:
+        names = ", ".join(_set_aside(p).name for p in newer)
+        log.print(
+            f"Rewound to iteration {resume_step}: set aside {names} and {metrics.set_aside} metrics line(s) "
+            f"(in {path.name}.superseded)"
+        )
+    return metrics
+
 # %% ../nbs/08_train.ipynb #dd650c0e
 class RunDirectory:
-    """The files of one run in `checkpoint_dir`: owner check, lock, clean-up, config.json, metrics, checkpoints."""
+    """The files of one run in `checkpoint_dir`: the lock, leftovers, config.json, metrics.jsonl, checkpoints."""
 
     def __init__(self, path: str | os.PathLike, run_id: str, resume_from: Path | None = None):
         self.path, self.run_id, self.resume_from, self.lock = Path(path), run_id, resume_from, None
-
-    def owner(self) -> str | None:
-        """The run id recorded here: in config.json, else in the newest checkpoint; None if none is."""
-        try:
-            recorded = json.loads((self.path / "config.json").read_text(encoding="utf-8"))
-            if isinstance(recorded, dict) and isinstance(recorded.get("run_id"), str):
-                return recorded["run_id"]
-        except (OSError, ValueError):  # absent, unreadable or torn: ask the checkpoints
-            pass
-        found = list_checkpoints(self.path) if self.path.is_dir() else []
-        try:
-            return read_checkpoint(found[-1][1]).get("run_id") if found else None
-        except CheckpointError:
-            return None
-
-    def check_owner(self) -> None:
-        """Raise ValueError, having touched nothing, if this directory holds another run."""
-        checkpoints = list_checkpoints(self.path) if self.path.is_dir() else []
-        if self.resume_from is None:
-            if checkpoints:
-                raise ValueError(
-                    f"{self.path} already holds checkpoints of another run "
-                    "(pass --resume auto to continue it, or choose another --checkpoint-dir)"
-                )
-            return
-        owner = self.owner()
-        here = self.resume_from.resolve().parent == self.path.resolve()
-        if (owner is not None and owner != self.run_id) or (owner is None and checkpoints and not here):
-            raise ValueError(
-                f"--checkpoint-dir {self.path} holds another run{f' ({owner})' if owner else ''}, not the run of "
-                f"{self.resume_from} ({self.run_id}): resume into {self.resume_from.parent} or an empty --checkpoint-dir"
-            )
 
     def claim(self, log: RunLog) -> None:
         """Take the directory for this run: lock it, check the owner again, remove what killed saves left."""
@@ -757,7 +806,7 @@ class RunDirectory:
         self.lock.acquire()
         if self.lock.took_over:
             log.print(self.lock.took_over)
-        self.check_owner()  # again, under the lock: another run may have started in between
+        check_owner(self.path, self.run_id, self.resume_from)  # again, under the lock: another run may have started
         orphans = sorted(self.path.glob(".checkpoint_*.tmp"))
         for tmp in orphans:
             tmp.unlink()
@@ -766,46 +815,9 @@ class RunDirectory:
 
     def start(self, config: dict, start_iter: int, log: RunLog) -> MetricsLog:
         """Set aside what a rewind or an earlier checkpoint-less run leaves, write config.json, open metrics.jsonl."""
-        metrics = self._open_metrics(start_iter, log)
+        metrics = open_metrics(self.path, None if self.resume_from is None else start_iter, log)
         atomic_write_json(self.path / "config.json", config)
         return metrics
-
-    def _open_metrics(self, start_iter: int, log: RunLog) -> MetricsLog:
-        """metrics.jsonl, opened for this run; what a rewind or an earlier checkpoint-less run left is set aside."""
-        path = self.path / "metrics.jsonl"
-        if self.resume_from is None:  # a fresh run: an earlier run here never saved a checkpoint
-            earlier = [p for p in (self.path / "config.json", path) if p.exists()]
-            if earlier:
-                log.print(f"Set aside {', '.join(p.name for p in earlier)} of an earlier run with no checkpoint")
-            for p in earlier:
-                _set_aside(p)
-            return MetricsLog(path)
-        newer = [p for it, p in list_checkpoints(self.path) if it > start_iter]
-        metrics = MetricsLog(path, start_iter, side_file=path.with_name(path.name + ".superseded") if newer else None)
-        for warning in metrics.warnings:
-            log.warn(warning)
-        if newer:
-            names = ", ".join(_set_aside(p).name for p in newer)
-            log.print(
-                f"Rewound to iteration {start_iter}: set aside {names} and {metrics.set_aside} metrics line(s) "
-                f"(in {path.name}.superseded)"
-            )
-        return metrics
-
-    def copy_tokenizer(self, source: Path | None, log: RunLog) -> None:
-        """Copy the run's tokenizer into `tokenizer/` (once); without one, say so in one line."""
-        dest = self.path / "tokenizer"
-        if dest.exists():
-            return
-        if source is None or not source.is_dir():
-            what = f"tokenizer_dir {source} does not exist" if source is not None else "no tokenizer is recorded"
-            log.print(f"Note: {what}, so the run has no tokenizer/ (generate will need --tokenizer DIR)")
-            return
-        tmp = self.path / ".tokenizer.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp)
-        os.replace(tmp, dest)  # whole or not at all
-        log.print(f"Tokenizer: copied {source} to {dest}")
 
     def save(self, model: torch.nn.Module, optimizer, iteration: int, keep_last: int, **extra) -> Path:
         """Save `checkpoint_<iteration>.pt` with the run id, then prune to the `keep_last` newest."""
@@ -837,7 +849,7 @@ def run_id_for(cfg: TrainConfig, checkpoint: dict | None) -> str:
     if checkpoint.get("run_id"):
         return checkpoint["run_id"]
     here = Path(cfg.resume).resolve().parent == Path(cfg.checkpoint_dir).resolve()
-    return (RunDirectory(cfg.checkpoint_dir, "").owner() if here else None) or uuid.uuid4().hex
+    return (directory_owner(cfg.checkpoint_dir) if here else None) or uuid.uuid4().hex
 
 
 def load_run_data(cfg: TrainConfig, log: RunLog) -> tuple[np.ndarray, np.ndarray]:
@@ -906,6 +918,17 @@ def resume_from(
     elapsed = float(checkpoint.get("elapsed_s", 0.0))
     return Resumed(start_iter, elapsed, checkpoint.get("wandb_run_id"), Path(cfg.resume))
 
+
+def nothing_to_train(start_iter: int, max_iters: int, log: RunLog) -> bool:
+    """Whether a run at `start_iter` is already done (said in one line); then the trainer touches nothing."""
+    if start_iter < max_iters:
+        return False
+    log.print(
+        f"Nothing to train: the run is at iteration {start_iter} >= max_iters {max_iters} "
+        "(raise --max-iters to continue)"
+    )
+    return True
+
 # %% ../nbs/08_train.ipynb #237a0247
 def parallelize(
     cfg: TrainConfig, ctx: DistributedContext, device: torch.device, raw_model: torch.nn.Module
@@ -944,25 +967,62 @@ class StepPlan:
         )
         return plan
 
-# %% ../nbs/08_train.ipynb #89898363
-class StepLog:
-    """Per-step losses, their log lines and the training clock; `stop(what)` raises on a non-finite loss."""
+# %% ../nbs/08_train.ipynb #505f4b0f
+@dataclass
+class Validation:
+    """The evaluated model on the fixed validation batches: its loss, and whether training can go on from it."""
 
-    def __init__(self, log: RunLog, ctx: DistributedContext, tokens_per_step: int, elapsed: float, stop: Callable):
-        self.log, self.ctx, self.tokens_per_step, self.elapsed, self.stop = log, ctx, tokens_per_step, elapsed, stop
-        self.pending, self.t_start = [], time.perf_counter()
+    model: torch.nn.Module
+    data: np.ndarray
+    cfg: TrainConfig
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    ctx: DistributedContext = field(default_factory=DistributedContext)
+
+    def loss(self) -> float:
+        """The mean loss over the `eval_iters` validation batches (`estimate_loss`)."""
+        c = self.cfg
+        args = (c.batch_size, c.context_length, c.eval_iters, c.seed, self.device, self.amp_dtype, self.ctx)
+        return estimate_loss(self.model, self.data, *args)
+
+    def why_not_trainable(self) -> str | None:
+        """None if a checkpoint of the weights as they are is one a resumed run can train from."""
+        c = self.cfg
+        args = (c.batch_size, c.context_length, c.seed, self.device, self.amp_dtype)
+        return why_not_trainable(self.model, self.data, *args)
+
+# %% ../nbs/08_train.ipynb #f6afd515
+class RunClock:
+    """Seconds of training, continued across resumes, and the mean time of the steps since the last lap."""
+
+    def __init__(self, elapsed: float = 0.0):
+        self.elapsed = elapsed  # seconds trained before this process started
+        self.start(0)
 
     def start(self, step: int) -> None:
         """Start the clock at `step` (when the run directory is claimed)."""
         self.t_start = time.perf_counter()
-        self.reset_clock(step)
+        self.lap(step)
 
     def time(self) -> float:
         """Seconds of training, continued across resumes."""
         return self.elapsed + time.perf_counter() - self.t_start
 
-    def reset_clock(self, step: int) -> None:
+    def lap(self, step: int) -> None:
+        """Time again from `step` on: after a log line, an evaluation or a save."""
         self.t_last, self.t_first = time.perf_counter(), step
+
+    def ms_per_step(self, it: int) -> float:
+        """Mean milliseconds of the steps from the last lap up to and including step `it`."""
+        return (time.perf_counter() - self.t_last) * 1000 / (it + 1 - self.t_first)
+
+# %% ../nbs/08_train.ipynb #89898363
+class StepLog:
+    """The loop's numbers: per-step losses, their log lines and evaluations; `stop(what)` raises on a non-finite one."""
+
+    def __init__(self, log: RunLog, ctx: DistributedContext, tokens_per_step: int, elapsed: float, stop: Callable):
+        self.log, self.ctx, self.tokens_per_step, self.stop = log, ctx, tokens_per_step, stop
+        self.pending, self.clock = [], RunClock(elapsed)  # pending: (step, loss tensor) of the steps not yet read
 
     def read_losses(self) -> list[tuple[int, float]]:
         """The pending per-step losses as floats (one sync, averaged over processes); stops on a non-finite one."""
@@ -982,30 +1042,33 @@ class StepLog:
     def log_step(self, it: int, lr: float, grad_norm: Tensor) -> None:
         """Print and record step `it`: its loss, and the mean time of the steps since the last log line."""
         step_loss = self.read_losses()[-1][1]  # the one host sync of the interval
-        ms = (time.perf_counter() - self.t_last) * 1000 / (it + 1 - self.t_first)
+        ms = self.clock.ms_per_step(it)
         tps, norm, tokens = self.tokens_per_step / (ms / 1000), grad_norm.item(), it * self.tokens_per_step
         self.log.print(f"iter {it:6d} | loss {step_loss:.4f} | lr {lr:.2e} | {ms:.2f}ms | {tps:,.0f} tok/s")
-        record = dict(type="train", step=it, tokens=tokens, time_s=self.time(), lr=lr, loss=step_loss)
+        record = dict(type="train", step=it, tokens=tokens, time_s=self.clock.time(), lr=lr, loss=step_loss)
         record.update(grad_norm=norm, tokens_per_s=tps, iter_time_ms=ms)
         self.log.record(
             record,
             {"train/loss": step_loss, "train/lr": lr, "train/iter_time_ms": ms, "train/grad_norm": norm}
             | {"train/tokens_per_s": tps, "train/tokens": tokens},
         )
-        self.reset_clock(it + 1)
+        self.clock.lap(it + 1)
 
-    def log_eval(self, iteration: int, val_loss: float) -> None:
-        """Print and record the validation loss after `iteration` steps; stops on a non-finite one."""
+    def evaluate(self, iteration: int, validation: Validation) -> float:
+        """The validation loss after `iteration` steps, printed and recorded; stops on a non-finite one."""
+        self.read_losses()  # a non-finite training loss stops the run first
+        val_loss = validation.loss()
         if not math.isfinite(val_loss):
             self.stop(f"validation loss is {val_loss} at iter {iteration}")
         ppl = math.exp(min(val_loss, 700.0))
         self.log.print(f"[EVAL] iter {iteration:6d} | val_loss {val_loss:.4f} | val_ppl {ppl:.2f}")
         tokens = iteration * self.tokens_per_step
         self.log.record(
-            dict(type="eval", step=iteration, tokens=tokens, time_s=self.time(), val_loss=val_loss, val_ppl=ppl),
+            dict(type="eval", step=iteration, tokens=tokens, time_s=self.clock.time(), val_loss=val_loss, val_ppl=ppl),
             {"val/loss": val_loss, "val/perplexity": ppl},
         )
-        self.reset_clock(iteration)  # keep evaluation out of iter_time_ms
+        self.clock.lap(iteration)  # keep evaluation out of iter_time_ms
+        return val_loss
 
 # %% ../nbs/08_train.ipynb #4fca877a
 def on_rank_0(fn: Callable[[], None], ctx: DistributedContext, control_group) -> None:
@@ -1026,20 +1089,11 @@ def on_rank_0(fn: Callable[[], None], ctx: DistributedContext, control_group) ->
 
 # %% ../nbs/08_train.ipynb #c7821f3d
 class RunFiles:
-    """The run directory's files (rank 0 writes them) and the last good checkpoint."""
+    """What rank 0 writes in the run directory: the claim, the checkpoints (and the last good one), the close."""
 
-    def __init__(
-        self,
-        cfg: TrainConfig,
-        ctx: DistributedContext,
-        log: RunLog,
-        run_dir: RunDirectory,
-        run_id: str,
-        control_group,
-        resumed: Resumed,
-    ):
-        self.cfg, self.ctx, self.log, self.run_dir, self.control_group = cfg, ctx, log, run_dir, control_group
-        self.config = {**asdict(cfg), "run_id": run_id}
+    def __init__(self, cfg: TrainConfig, ctx: DistributedContext, log: RunLog, run_dir: RunDirectory, group, resumed):
+        self.cfg, self.ctx, self.log, self.run_dir, self.control_group = cfg, ctx, log, run_dir, group
+        self.config = {**asdict(cfg), "run_id": run_dir.run_id}
         self.last_good, self.wandb_id = resumed.last_good, resumed.wandb_id
 
     def claim(self, start_iter: int) -> None:
@@ -1052,7 +1106,7 @@ class RunFiles:
             self.log.wandb_run = start_wandb(self.config, self.run_dir.path, self.wandb_id)
             self.wandb_id = self.log.wandb_run.id
         self.log.metrics = self.run_dir.start(self.config, start_iter, self.log)
-        self.run_dir.copy_tokenizer(data_tokenizer_dir(self.cfg), self.log)
+        copy_tokenizer(data_tokenizer_dir(self.cfg), self.run_dir.path, self.log)
 
     def stop_non_finite(self, what: str):
         """Raise `NonFiniteLossError`, naming the last good checkpoint to resume from."""
@@ -1062,28 +1116,31 @@ class RunFiles:
             f"{what}: stopping without saving{good} ({fix}, a longer --warmup-iters, or --grad-clip 1.0)"
         )
 
-    def save(self, iteration: int, model, optimizer, elapsed_s: Callable[[], float], tokens: int) -> Path | None:
-        """Save `checkpoint_<iteration>.pt` (rank 0 only) and prune to `keep_last`; returns its path on rank 0."""
-        on_rank_0(lambda: self._write(iteration, model, optimizer, elapsed_s(), tokens), self.ctx, self.control_group)
+    def save(self, iteration: int, model, optimizer, steps: StepLog, validation: Validation) -> Path | None:
+        """Check the weights (one forward and backward), then save `checkpoint_<iteration>.pt` (rank 0 only)."""
+        steps.read_losses()  # never save after a NaN loss
+        if (reason := validation.why_not_trainable()) is not None:
+            self.stop_non_finite(f"{reason} after iter {iteration}")
+        tokens = iteration * steps.tokens_per_step
+        on_rank_0(
+            lambda: self._write(iteration, model, optimizer, steps.clock.time(), tokens), self.ctx, self.control_group
+        )
+        steps.clock.lap(iteration)  # keep saving out of iter_time_ms
         return self.last_good if self.ctx.is_main else None
 
     def _write(self, iteration: int, model, optimizer, elapsed_s: float, tokens: int) -> None:
-        self.last_good = self.run_dir.save(
-            model,
-            optimizer,
-            iteration,
-            self.cfg.keep_last,
-            config=self.config,
-            rng_state=_rng_state(),
-            elapsed_s=elapsed_s,
-            wandb_run_id=self.wandb_id,
-            world_size=self.ctx.world_size,
-            tokens=tokens,
-        )
+        extra = dict(config=self.config, rng_state=_rng_state(), elapsed_s=elapsed_s, wandb_run_id=self.wandb_id)
+        extra.update(world_size=self.ctx.world_size, tokens=tokens)
+        self.last_good = self.run_dir.save(model, optimizer, iteration, self.cfg.keep_last, **extra)
         self.log.print(f"[CHECKPOINT] Saved to {self.last_good}")
 
+    def close(self, exit_code: int = 0) -> None:
+        """Close metrics.jsonl, finish W&B (with `exit_code`), release the directory; safe to call twice."""
+        self.log.close(exit_code)
+        self.run_dir.release()
+
 # %% ../nbs/08_train.ipynb #e9066659
-class Trainer:
+class Trainer(AbstractContextManager):
     """One training run: `with Trainer(cfg) as t: t.fit()`; the constructor checks and loads, and writes nothing."""
 
     def __init__(self, cfg: TrainConfig, checkpoint: dict | None = None, ctx: DistributedContext | None = None):
@@ -1094,84 +1151,50 @@ class Trainer:
         self.device, self.amp_dtype = run_device(cfg, self.ctx, self.log)
         self.run_id = run_id_for(cfg, checkpoint)
         self.run_dir = RunDirectory(cfg.checkpoint_dir, self.run_id, Path(cfg.resume) if checkpoint else None)
-        self.run_dir.check_owner()  # refuse another run's directory before printing anything long
+        check_owner(cfg.checkpoint_dir, self.run_id, self.run_dir.resume_from)  # before printing anything long
         self.log.print(format_config(cfg))
         self.train_data, self.val_data = load_run_data(cfg, self.log)
         self.raw_model, self.optimizer = build_for_run(cfg, self.device, checkpoint, self.log)
         resumed = resume_from(cfg, checkpoint, self.raw_model, self.optimizer, self.log)
         self.start_iter = resumed.start_iter
-        self.model, self.eval_model, self.control_group = parallelize(cfg, self.ctx, self.device, self.raw_model)
+        self.model, eval_model, self.control_group = parallelize(cfg, self.ctx, self.device, self.raw_model)
         self.plan = StepPlan.of(cfg, self.ctx, self.device, self.log)
-        self.files = RunFiles(cfg, self.ctx, self.log, self.run_dir, self.run_id, self.control_group, resumed)
+        self.validation = Validation(eval_model, self.val_data, cfg, self.device, self.amp_dtype, self.ctx)
+        self.files = RunFiles(cfg, self.ctx, self.log, self.run_dir, self.control_group, resumed)
         self.steps = StepLog(self.log, self.ctx, self.plan.tokens_per_step, resumed.elapsed, self.files.stop_non_finite)
 
     def fit(self) -> dict:
         """Train from the start (or resumed) iteration to `max_iters`; returns a summary of the run."""
-        cfg, plan = self.cfg, self.plan
+        cfg, plan, steps, model = self.cfg, self.plan, self.steps, self.model
         summary = {"iteration": self.start_iter, "val_loss": None, "interrupted": None}
-        if self.start_iter >= cfg.max_iters:  # before claiming the directory: nothing changes
-            self.log.print(
-                f"Nothing to train: the run is at iteration {self.start_iter} >= max_iters {cfg.max_iters} "
-                "(raise --max-iters to continue)"
-            )
+        if nothing_to_train(self.start_iter, cfg.max_iters, self.log):  # checked before claiming the directory
             return summary
         self.files.claim(self.start_iter)
-        self.steps.start(self.start_iter)
+        steps.clock.start(self.start_iter)
         with StopFlag(self.control_group) as stop:
             for it in range(self.start_iter, cfg.max_iters):
                 lr = lr_cosine_schedule(it, cfg.max_lr, cfg.min_lr, cfg.warmup_iters, plan.cycle)
                 batches = micro_batches(self.train_data, cfg.batch_size, cfg.context_length, cfg.seed, it, **plan.share)
-                loss, grad_norm = train_step(
-                    self.model, self.optimizer, batches, lr, plan.max_grad_norm, self.amp_dtype
-                )
-                self.steps.pending.append((it, loss))
+                loss, grad_norm = train_step(model, self.optimizer, batches, lr, plan.max_grad_norm, self.amp_dtype)
+                steps.pending.append((it, loss))
                 done, stopping = it + 1, stop.is_set()  # `done` steps completed: the model is now "iter done"
                 last = done == cfg.max_iters
                 if it % cfg.log_interval == 0 or last or stopping:
-                    self.steps.log_step(it, lr, grad_norm)
+                    steps.log_step(it, lr, grad_norm)
                 if done % cfg.eval_interval == 0 or last:
-                    summary["val_loss"] = self.evaluate(done)
+                    summary["val_loss"] = steps.evaluate(done, self.validation)
                 if done % cfg.checkpoint_interval == 0 or last or stopping:
-                    self.save(done)
+                    self.files.save(done, self.raw_model, self.optimizer, steps, self.validation)
                 summary["iteration"] = done
                 if stopping:
-                    name = signal.Signals(stop.signum).name
-                    self.log.print(f"Stopped by {name} at iteration {done}: continue with --resume auto")
+                    self.log.print(f"Stopped by {stop.name} at iteration {done}: continue with --resume auto")
                     summary["interrupted"] = stop.signum
                     break
         return summary
 
-    def evaluate(self, iteration: int) -> float:
-        """Validation loss of the current model; printed, recorded and sent to W&B."""
-        self.steps.read_losses()
-        c = self.cfg
-        args = (c.batch_size, c.context_length, c.eval_iters, c.seed, self.device, self.amp_dtype, self.ctx)
-        val_loss = estimate_loss(self.eval_model, self.val_data, *args)
-        self.steps.log_eval(iteration, val_loss)
-        return val_loss
-
-    def save(self, iteration: int) -> Path | None:
-        """Check the weights (one forward and backward), then save `checkpoint_<iteration>.pt` (rank 0 only)."""
-        self.steps.read_losses()  # never save after a NaN loss
-        c = self.cfg
-        args = (c.batch_size, c.context_length, c.seed, self.device, self.amp_dtype)
-        if (reason := why_not_trainable(self.eval_model, self.val_data, *args)) is not None:
-            self.files.stop_non_finite(f"{reason} after iter {iteration}")
-        tokens = iteration * self.plan.tokens_per_step
-        path = self.files.save(iteration, self.raw_model, self.optimizer, self.steps.time, tokens)
-        self.steps.reset_clock(iteration)  # keep saving out of iter_time_ms
-        return path
-
-    def close(self, exit_code: int = 0) -> None:
-        """Close metrics.jsonl, finish W&B (with `exit_code`), release the directory; safe to call twice."""
-        self.log.close(exit_code)
-        self.run_dir.release()
-
-    def __enter__(self) -> "Trainer":
-        return self
-
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close(exit_code=0 if exc_type is None else 1)
+        """Close metrics.jsonl, finish W&B (exit code 1 after an error), release the directory: on every way out."""
+        self.files.close(exit_code=0 if exc_type is None else 1)
 
 # %% ../nbs/08_train.ipynb #988d421a
 def _exit_worker(exc: BaseException | None) -> None:
