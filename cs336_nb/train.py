@@ -700,12 +700,13 @@ def data_tokenizer_dir(cfg: TrainConfig) -> Path | None:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(meta, dict):
+    recorded = meta.get("tokenizer_dir") if isinstance(meta, dict) else None
+    if not isinstance(recorded, str):
         return None
-    names = [meta.get("tokenizer_dir"), meta.get("tokenizer_dir_name")]  # as written, or beside the meta file
-    candidates = [Path(names[0]), meta_path.parent / Path(names[0]).name] if isinstance(names[0], str) else []
-    candidates += [meta_path.parent / names[1]] if isinstance(names[1], str) else []
-    return next((c for c in candidates if c.is_dir()), None)
+    for candidate in (Path(recorded), meta_path.parent / Path(recorded).name):  # as written, or moved with the data
+        if candidate.is_dir():
+            return candidate
+    return None
 
 
 def copy_tokenizer(source: Path | None, run_dir: Path, log: RunLog) -> None:
