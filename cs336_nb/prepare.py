@@ -352,11 +352,10 @@ def _given_tokenizer(tokenizer_dir, vocab_size: int, special_tokens: list[str]):
     d = Path(tokenizer_dir)
     if not d.is_dir():
         raise ValueError(f"--tokenizer-dir {d} is not a folder (give a folder written by Tokenizer.save or prepare)")
-    for f in _TOKENIZER_FILES:
-        if not (d / f).is_file():
-            raise ValueError(f"no tokenizer in {d}: {f} is missing (write one with Tokenizer.save)")
     try:
         tok = Tokenizer.from_dir(d)
+    except FileNotFoundError as e:  # a file of the three is missing: from_dir's message names it
+        raise ValueError(str(e)) from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"can not read the tokenizer in {d} ({type(e).__name__}: {e}): is it damaged?") from None
     return tok, max(tok.vocab) + 1, tok.special_tokens  # ids run 0..vocab_size-1
