@@ -11,11 +11,13 @@ ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / "nbs"
 DATA = NBS / "data"  # test data shipped with the repository (see nbs/data/README.md)
 
+# Every subprocess a test starts, module fixtures' included, imports this checkout's cs336_nb, whatever
+# editable install pip last made (set here, at collection, because module fixtures run before function ones).
+os.environ["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+
 
 @pytest.fixture(autouse=True)
-def _this_checkout_offline(monkeypatch):
-    # every subprocess a test starts imports this checkout's cs336_nb, whatever pip last installed
-    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def _quiet_wandb(monkeypatch):
     # tests never reach the network: W&B runs offline unless a test says otherwise
     monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "offline"))
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -23,10 +25,9 @@ def _this_checkout_offline(monkeypatch):
 
 def run_module(module: str, *args, timeout: float = 120, code: str | None = None) -> subprocess.CompletedProcess:
     """Run `python -m cs336_nb.<module> args` (or `python -c code args`) from the repository root: this checkout
-    first on the path, offline (W&B, Hugging Face), one thread, UTF-8 output."""
+    first on the path (above), offline (W&B, Hugging Face), one thread, UTF-8 output."""
     env = {
         **os.environ,
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         "WANDB_MODE": "offline",
         "WANDB_SILENT": "true",
         "HF_HUB_OFFLINE": "1",

@@ -71,7 +71,6 @@ def in_process(prog: str, argv: list) -> tuple[int, str, str]:
 def subprocess_env() -> dict:
     return {
         **os.environ,
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         "OMP_NUM_THREADS": "1",
     }
 

@@ -26,7 +26,6 @@ from conftest import DATA, ROOT
 from cs336_nb.prepare import prepare
 
 STORY = DATA / "tinystories_sample.txt"
-ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 OUTPUTS = ["d_tokenizer/vocab.json", "d_tokenizer/merges.txt", "d_train.uint16.npy", "d_val.uint16.npy"]
 
 
@@ -35,7 +34,7 @@ def command(*args) -> list[str]:
 
 
 def run(*args, timeout=60):
-    return subprocess.run(command(*args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def start(*args) -> subprocess.Popen:
@@ -43,7 +42,6 @@ def start(*args) -> subprocess.Popen:
     return subprocess.Popen(
         command(*args),
         cwd=ROOT,
-        env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -150,7 +148,6 @@ def run_table(rows: list[list[str]]) -> list[subprocess.CompletedProcess]:
         [sys.executable, "-c", TABLE_DRIVER],
         input=json.dumps(rows),
         cwd=ROOT,
-        env=ENV,
         capture_output=True,
         text=True,
         timeout=120,
