@@ -23,10 +23,18 @@ def _quiet_wandb(monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
-def run_module(module: str, *args, timeout: float = 120, code: str | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m cs336_nb.<module> args` (or `python -c code args`) from the repository root: this checkout
-    first on the path (above), offline (W&B, Hugging Face), one thread, UTF-8 output."""
-    env = {
+def run_module(
+    module: str,
+    *args,
+    timeout: float = 120,
+    code: str | None = None,
+    cwd: Path = ROOT,
+    env: dict[str, str | None] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run `python -m cs336_nb.<module> args` (or `python -c code args`), from the repository root unless `cwd`
+    says otherwise: this checkout first on the path (above), offline (W&B, Hugging Face), one thread, UTF-8
+    output; `env` adds variables, and a variable set to None is removed."""
+    environ = {
         **os.environ,
         "WANDB_MODE": "offline",
         "WANDB_SILENT": "true",
@@ -34,12 +42,13 @@ def run_module(module: str, *args, timeout: float = 120, code: str | None = None
         "TRANSFORMERS_OFFLINE": "1",
         "PYTHONIOENCODING": "utf-8",
         "OMP_NUM_THREADS": "1",
+        **(env or {}),
     }
     command = ["-c", code] if code is not None else ["-m", f"cs336_nb.{module}"]
     return subprocess.run(
         [sys.executable, *command, *map(str, args)],
-        cwd=ROOT,
-        env=env,
+        cwd=cwd,
+        env={k: v for k, v in environ.items() if v is not None},
         capture_output=True,
         text=True,
         encoding="utf-8",

@@ -3,13 +3,11 @@ PyTorch's own FLOP counter, the malloc re-exec happened, each contender's peak R
 own process, and bad input is one line on stderr with exit status 2."""
 
 import json
-import os
 import platform
-import subprocess
 import sys
 
 import torch
-from conftest import ROOT
+from conftest import run_module
 from torch.utils.flop_counter import FlopCounterMode
 
 from cs336_nb.model import TransformerLM
@@ -31,16 +29,8 @@ TINY = [
 
 
 def _run(args, **env):
-    # one thread: on a shared 2-core machine, two spinning OpenMP threads make tiny ops 10-70x slower
-    environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | {"OMP_NUM_THREADS": "1"} | env
-    return subprocess.run(
-        [sys.executable, "-m", "cs336_nb.bench", *args],
-        cwd=ROOT,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    # without GLIBC_TUNABLES, so the benchmark's own malloc re-exec is what gets tested
+    return run_module("bench", *args, env={"GLIBC_TUNABLES": None, **env})
 
 
 def test_bench_cli_tiny(tmp_path):

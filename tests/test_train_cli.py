@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_module
 
 from cs336_nb.model import TransformerLM
 from cs336_nb.runtime import MALLOC_TUNABLES
@@ -51,26 +52,12 @@ def flags(**kw) -> list[str]:
     return out
 
 
-def train_cli(args: list[str], cwd: Path, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
-    """Run the training CLI in a subprocess; W&B offline unless the environment says otherwise."""
-    # W&B offline here too: module fixtures run before conftest's; one thread: tiny models, shared CI cores
-    # the malloc tuning set here, so the CLI need not re-exec itself (tests/test_faults_train.py checks that it does)
-    env = {
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "GLIBC_TUNABLES": MALLOC_TUNABLES,
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "cs336_nb.train", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **popen,
+def train_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the training CLI in a subprocess from `cwd` (conftest's runner: offline, one thread); the malloc tuning
+    is set here, so the CLI need not re-exec itself (tests/test_faults_train.py checks that it does)."""
+    tunables = os.environ.get("GLIBC_TUNABLES", MALLOC_TUNABLES)
+    return run_module(
+        "train", *args, cwd=cwd, timeout=timeout, env={"GLIBC_TUNABLES": tunables, "PYTHONUNBUFFERED": "1"}
     )
 
 
