@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,6 +22,38 @@ def _quiet_wandb(monkeypatch):
     # tests never reach the network: W&B runs offline unless a test says otherwise
     monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "offline"))
     monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+# the training tests' model: tiny, so a run of a few steps takes a second
+TINY_MODEL = dict(vocab_size=64, context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=64, rope_theta=10000.0)
+# and the settings their runs share: warm-up, schedule, a log line every step, evaluation and a checkpoint every 4
+TINY_RUN = dict(
+    batch_size=4,
+    warmup_iters=2,
+    max_lr=3e-3,
+    min_lr=3e-4,
+    log_interval=1,
+    eval_interval=4,
+    eval_iters=2,
+    checkpoint_interval=4,
+    device="cpu",
+)
+
+
+def write_tiny_tokens(folder: Path, seed: int = 0) -> None:
+    """`train.npy` (20,000) and `val.npy` (4,000): random token ids of the tiny model's vocabulary, as uint16."""
+    rng = np.random.default_rng(seed)
+    for name, size in (("train", 20_000), ("val", 4_000)):
+        np.save(folder / f"{name}.npy", rng.integers(0, TINY_MODEL["vocab_size"], size).astype(np.uint16))
+
+
+def flags(**settings) -> list[str]:
+    """Command-line flags for keyword settings: `--name value`, `--name` for True, `--no-name` for False."""
+    out = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        out += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
+    return out
 
 
 def run_module(

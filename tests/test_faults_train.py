@@ -25,37 +25,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL, TINY_RUN, flags, write_tiny_tokens
 
 import cs336_nb.train as train
 from cs336_nb.checkpoint import save_checkpoint
 from cs336_nb.model import TransformerLM
 from cs336_nb.runtime import MALLOC_TUNABLES
 
-VOCAB = 64
-MODEL = dict(vocab_size=VOCAB, context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=64, rope_theta=10000.0)
-RUN = dict(
-    batch_size=4,
-    warmup_iters=2,
-    max_lr=3e-3,
-    min_lr=3e-4,
-    log_interval=1,
-    eval_interval=4,
-    eval_iters=2,
-    checkpoint_interval=4,
-    keep_last=0,
-    device="cpu",
-    seed=7,
-    threads=1,
-)
+MODEL = TINY_MODEL
+RUN = {**TINY_RUN, "keep_last": 0, "seed": 7, "threads": 1}
 TIMEOUT = 120  # seconds for any one subprocess
-
-
-def flags(**kw) -> list[str]:
-    out = []
-    for k, v in kw.items():
-        flag = "--" + k.replace("_", "-")
-        out += [flag] if v is True else [f"--no-{flag[2:]}"] if v is False else [flag, str(v)]
-    return out
 
 
 def base_args(work: Path, run_dir: Path, **over) -> list[str]:
@@ -151,12 +130,10 @@ def one_error_line(err: str, *words: str) -> str:
 def work(tmp_path_factory) -> Path:
     """Token arrays, odd files, and one finished 8-step run (`base`) that attacks copy and resume."""
     d = tmp_path_factory.mktemp("faults")
-    rng = np.random.default_rng(0)
-    np.save(d / "train.npy", rng.integers(0, VOCAB, 20_000).astype(np.uint16))
-    np.save(d / "val.npy", rng.integers(0, VOCAB, 4_000).astype(np.uint16))
+    write_tiny_tokens(d)
     (d / "empty.npy").write_bytes(b"")
     np.save(d / "matrix.npy", np.zeros((40, 40), dtype=np.uint16))
-    np.save(d / "floats.npy", rng.random(1000).astype(np.float32))
+    np.save(d / "floats.npy", np.random.default_rng(1).random(1000).astype(np.float32))
     np.arange(200, dtype=np.uint16).tofile(d / "no_sidecar.bin")
     np.arange(200, dtype=np.uint16).tofile(d / "bad_sidecar.bin")
     (d / "bad_sidecar.bin.json").write_text('{"dtype": "banana"}')

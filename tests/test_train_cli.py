@@ -20,36 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_module
+from conftest import TINY_MODEL, TINY_RUN, flags, run_module, write_tiny_tokens
 
 from cs336_nb.model import TransformerLM
 from cs336_nb.runtime import MALLOC_TUNABLES
 from cs336_nb.train import main
 
-VOCAB = 64
-MODEL = dict(vocab_size=VOCAB, context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=64, rope_theta=10000.0)
-RUN = dict(
-    batch_size=4,
-    warmup_iters=2,
-    cosine_cycle_iters=8,
-    max_lr=3e-3,
-    min_lr=3e-4,
-    log_interval=1,
-    eval_interval=4,
-    eval_iters=2,
-    checkpoint_interval=4,
-    device="cpu",
-    seed=3,
-)
-
-
-def flags(**kw) -> list[str]:
-    """Command-line flags for keyword settings (True -> --flag)."""
-    out = []
-    for k, v in kw.items():
-        flag = "--" + k.replace("_", "-")
-        out += [flag] if v is True else [f"--no-{k.replace('_', '-')}"] if v is False else [flag, str(v)]
-    return out
+MODEL = TINY_MODEL
+RUN = {**TINY_RUN, "cosine_cycle_iters": 8, "seed": 3}
 
 
 def train_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -83,9 +61,7 @@ def assert_ok(proc: subprocess.CompletedProcess):
 def work(tmp_path_factory) -> Path:
     """Token files and a JSON config for the tiny runs."""
     d = tmp_path_factory.mktemp("train_cli")
-    rng = np.random.default_rng(0)
-    np.save(d / "train.npy", rng.integers(0, VOCAB, 20_000).astype(np.uint16))
-    np.save(d / "val.npy", rng.integers(0, VOCAB, 4_000).astype(np.uint16))
+    write_tiny_tokens(d)
     config = {
         **MODEL,
         **RUN,

@@ -13,34 +13,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL, TINY_RUN, write_tiny_tokens
 
 from cs336_nb.runtime import MALLOC_TUNABLES
 
-VOCAB = 64
-SETTINGS = dict(
-    vocab_size=VOCAB,
-    context_length=16,
-    d_model=32,
-    num_layers=2,
-    num_heads=4,
-    d_ff=64,
-    batch_size=4,
-    grad_accum_steps=2,
-    warmup_iters=2,
-    cosine_cycle_iters=6,
-    max_lr=3e-3,
-    min_lr=3e-4,
-    log_interval=1,
-    eval_interval=2,
-    eval_iters=3,
-    checkpoint_interval=2,
-    keep_last=0,
-    device="cpu",
-    seed=5,
-)
+SETTINGS = {
+    **TINY_MODEL,
+    **TINY_RUN,
+    "grad_accum_steps": 2,
+    "cosine_cycle_iters": 6,
+    "eval_interval": 2,
+    "eval_iters": 3,
+    "checkpoint_interval": 2,
+    "keep_last": 0,
+    "seed": 5,
+}
 
 
 def _env(malloc_tuned: bool = True) -> dict:
@@ -115,9 +104,7 @@ def weights(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("ddp")
-    rng = np.random.default_rng(1)
-    np.save(d / "train.npy", rng.integers(0, VOCAB, 20_000).astype(np.uint16))
-    np.save(d / "val.npy", rng.integers(0, VOCAB, 4_000).astype(np.uint16))
+    write_tiny_tokens(d, seed=1)
     (d / "config.json").write_text(
         json.dumps({**SETTINGS, "train_data": str(d / "train.npy"), "val_data": str(d / "val.npy")})
     )
