@@ -52,13 +52,13 @@ class BenchConfig:
     rope_theta: float = 10_000.0
     batch_size: int = 16
 
-    def model_kwargs(self) -> dict:
-        """Keyword arguments of `TransformerLM` for this shape."""
+    def model_config(self) -> dict:
+        """The model config of this shape: what `TransformerLM.from_config` and `NativeLM` take."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "batch_size"}
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward), from the model chapter's count."""
-        return training_flops_per_token(self.model_kwargs())
+        return training_flops_per_token(self.model_config())
 
 # %% ../nbs/11_bench.ipynb #9ee7586b
 def load_bench_config(path: str | os.PathLike | None = None, **overrides) -> BenchConfig:
@@ -194,15 +194,15 @@ def build_contender(
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}: choose from {', '.join(VARIANTS)}")
     if name == "native":
-        model = NativeLM(cfg.model_kwargs(), device=device)
+        model = NativeLM(cfg.model_config(), device=device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
         step_fn = native_train_step
     elif name == "ours":
-        model = TransformerLM(**cfg.model_kwargs(), device=device)
+        model = TransformerLM(**cfg.model_config(), device=device)
         optimizer = AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
         step_fn = train_step
     else:
-        model = TransformerLM(**cfg.model_kwargs(), attn_impl="reference", device=device)
+        model = TransformerLM(**cfg.model_config(), attn_impl="reference", device=device)
         optimizer = AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, foreach=False, fused=False)
         step_fn = train_step
     if compile:
