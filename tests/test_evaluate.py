@@ -1,5 +1,5 @@
 """End-to-end checks of `python -m cs336_nb.evaluate`; the sliding window, the hand-computed bits per byte and
-the stride loop are tested in nbs/14_evaluate.ipynb.
+the stride loop are tested in nbs/19_evaluate.ipynb.
 
 A module-scoped run directory as training leaves it: a BPE tokenizer (vocab 300) trained by `train_bpe` on
 the English corpus in nbs/data, saved in `<run>/tokenizer/`, and a tiny random model (context 32) saved by

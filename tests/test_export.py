@@ -1,5 +1,5 @@
 """End-to-end checks of `python -m cs336_nb.export` in subprocesses; the conversion itself (logits, greedy
-generation, tokenizer ids, from_hf, refusals) is tested in nbs/13_export.ipynb.
+generation, tokenizer ids, from_hf, refusals) is tested in nbs/18_export.ipynb.
 
 One module-scoped run directory is shared: a BPE tokenizer (vocab 300) trained by `train_bpe` on the
 English corpus in nbs/data and saved in `<run>/tokenizer/`, and a tiny random model saved by
