@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .runtime import atomic_write_json, run_cli, set_threads
-from .tokenizer import Tokenizer, _next_cut, train_bpe
+from .tokenizer import Tokenizer, next_cut, train_bpe
 
 # %% ../nbs/09_prepare.ipynb #4b9ff5c2
 class DatasetExistsError(ValueError):
@@ -159,7 +159,7 @@ def _holdout_cut(path: Path, val_fraction: float, special_tokens: list[str]) -> 
         _find_before(path, target, n, target - slack - len(n)),
     ]
     with open(path, "rb") as f:
-        word = _next_cut(f, target, size, [])
+        word = next_cut(f, target, size, [])
     kinds = [
         ("document", [c for s in special_tokens for c in near(s.encode("utf-8"))]),
         ("line", near(b"\n")),
