@@ -129,6 +129,8 @@ RECIPE_KEYS = ("description", "base", "settings", "grid")
 
 def _typed(key: str, value):
     """A setting from a recipe or `--set`: strings read as the field's type, then checked by the config loader."""
+    if value is None:
+        raise ValueError(f"{key} is null: leave the key out to keep the base's value")
     if isinstance(value, str) and _field_type(key) is not str:
         value = parse_value(key, value)
     config_from_dict({key: value}, source="the sweep")  # wrongly typed JSON values raise here
@@ -157,14 +159,15 @@ class Sweep:
         """The settings every run shares: the config file's, then `settings`."""
         return {**(load_config_file(self.config) if self.config else {}), **self.settings}
 
-    def run_config(self, point: dict) -> TrainConfig:
-        """The training config of `point`'s run, checked as the training CLI checks it."""
+    def run_config(self, point: dict, check_files: bool = True) -> TrainConfig:
+        """The training config of `point`'s run, checked as the training CLI checks it (and its data files exist)."""
         values = {**self.base(), **point, "checkpoint_dir": str(self.out / point_name(point))}
         values.pop("resume", None)
         try:
             cfg = config_from_dict(values, source=self.config or "the sweep")
             validate_config(cfg)
-            check_data_files(cfg)
+            if check_files:
+                check_data_files(cfg)
         except ValueError as e:
             raise ValueError(f"point {point_name(point)}: {e}") from None
         return cfg

@@ -144,29 +144,33 @@ def test_kill_9_then_rerun_equals_uninterrupted(world, uninterrupted):
 def test_failing_point_is_recorded_and_the_rest_run(world):
     # a token file that exists (the up-front check passes) but is not a .npy: its run fails when it loads it
     (world / "broken.npy").write_bytes(b"not an array")
+    recipe = world / "failing.json"  # a recipe: the base, settings, and a list of two grids
+    grid = [{"train_data": ["broken.npy", "train.npy"]}, {"max_lr": [1e6]}]
+    recipe.write_text(json.dumps({"base": "base.json", "settings": {"max_iters": 8, "grad_clip": 0}, "grid": grid}))
     out = world / "failing"
-    args = sweep_args(world, out, "train_data=broken.npy,train.npy", "max_lr=1e-3,1e6")
-    proc = run_module("sweep", *args, "--set", "max_iters=8", "grad_clip=0", cwd=world, timeout=300)
+    proc = run_module("sweep", "--recipe", recipe, "--out", out, cwd=world, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr  # a point failed
     results = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/result.json")}
     statuses = {name: r["status"] for name, r in results.items()}
     assert statuses == {
-        "train_data=broken.npy,max_lr=0.001": "failed",
-        "train_data=broken.npy,max_lr=1000000.0": "failed",
-        "train_data=train.npy,max_lr=0.001": "done",
-        "train_data=train.npy,max_lr=1000000.0": "diverged",
-    }, proc.stdout
-    assert "broken.npy" in results["train_data=broken.npy,max_lr=0.001"]["reason"]
-    assert "loss is nan" in results["train_data=train.npy,max_lr=1000000.0"]["reason"]
-    assert "[1/4] failed train_data=broken.npy,max_lr=0.001" in proc.stdout  # said when it ends, not at the end
-    assert proc.stdout.index("[1/4] failed") < proc.stdout.index("[3/4] start")
+        "train_data=broken.npy": "failed",
+        "train_data=train.npy": "done",
+        "max_lr=1000000.0": "diverged",
+    }
+    assert "broken.npy" in results["train_data=broken.npy"]["reason"]
+    assert "loss is nan" in results["max_lr=1000000.0"]["reason"]
+    assert "[1/3] failed train_data=broken.npy" in proc.stdout  # said when it ends, not at the end
+    assert proc.stdout.index("[1/3] failed") < proc.stdout.index("[2/3] start")
+    assert "1 of 3 points did not end: train_data=broken.npy" in proc.stdout
     rows = {row["point"]: row for row in csv.DictReader((out / "summary.csv").open())}
-    assert rows["train_data=broken.npy,max_lr=0.001"]["status"] == "failed"
-    assert rows["train_data=train.npy,max_lr=1000000.0"]["diverged"] == "True"
-    assert rows["train_data=train.npy,max_lr=0.001"]["steps"] == "8"
-    # a rerun retries the failed points only
-    again = run_module("sweep", *args, "--set", "max_iters=8", "grad_clip=0", cwd=world, timeout=300)
-    assert "4 points, 2 ended, 2 to run" in again.stdout, again.stdout
+    assert (
+        rows["train_data=broken.npy"]["status"] == "failed" and "broken.npy" in rows["train_data=broken.npy"]["reason"]
+    )
+    assert rows["max_lr=1000000.0"]["diverged"] == "True"
+    assert rows["train_data=train.npy"]["steps"] == "8" and rows["train_data=train.npy"]["diverged"] == "False"
+    # a rerun retries the failed point only
+    again = run_module("sweep", "--recipe", recipe, "--out", out, cwd=world, timeout=300)
+    assert "3 points, 2 ended, 1 to run" in again.stdout, again.stdout
 
 
 def test_summary_equals_each_runs_metrics(uninterrupted):
@@ -195,3 +199,43 @@ def test_summary_equals_each_runs_metrics(uninterrupted):
     again = run_module("sweep", "--out", uninterrupted, "--summary-only", timeout=120)
     assert again.returncode == 0, again.stderr
     assert (uninterrupted / "summary.csv").read_text() == before
+
+
+RECIPES = {  # recipe: (points, the grid's keys)
+    "lr_sweep": (7, {"max_lr"}),
+    "batch_size": (6 + 15, {"batch_size", "max_lr"}),
+    "ablation_no_rmsnorm": (3, {"remove_rmsnorm", "max_lr"}),
+    "ablation_post_norm": (2, {"use_post_norm"}),
+    "ablation_nope": (2, {"remove_rope"}),
+    "ablation_silu": (2, {"ffn_type", "d_ff"}),
+    "owt_main": (1, set()),
+    "leaderboard": (1, set()),
+    "cpu_lr_sweep": (3, {"max_lr"}),
+}
+
+
+@pytest.mark.skipif(
+    "tokens" not in __import__("cs336_nb.train", fromlist=["TrainConfig"]).TrainConfig.__dataclass_fields__,
+    reason="the recipes budget runs in tokens (--tokens)",
+)
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipes_are_valid_sweeps(name):
+    from cs336_nb.sweep import Sweep, point_name, read_recipe
+
+    recipe = read_recipe(ROOT / "configs" / "cs336" / f"{name}.json")
+    sweep = Sweep(Path("runs") / name, **recipe)
+    points, keys = RECIPES[name]
+    assert len(sweep.points) == points and {k for p in sweep.points for k in p} == keys
+    assert recipe["description"]
+    for point in sweep.points:
+        cfg = sweep.run_config(point, check_files=False)  # the data is the user's to prepare
+        if name != "leaderboard":  # the handout's 17M model
+            shape = (cfg.context_length, cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.rope_theta)
+            assert shape == (256, 512, 4, 16, 10000.0) and cfg.d_ff == (2048 if cfg.ffn_type == "silu" else 1344)
+            assert cfg.tokens == (40_000_000 if name == "cpu_lr_sweep" else 327_680_000)
+            assert cfg.vocab_size == (32_000 if name == "owt_main" else 10_000)
+        else:
+            assert (cfg.context_length, cfg.max_time, cfg.device) == (512, 5400.0, "cuda")
+        assert cfg.checkpoint_dir == str(Path("runs") / name / point_name(point))
+    if name == "ablation_no_rmsnorm":  # the baseline, then no RMSNorm at its rate and a lower one
+        assert [p.get("max_lr") for p in sweep.points] == [None, 0.002, 0.0005]
