@@ -105,7 +105,7 @@ def train(
             if end or stop is not None:
                 break
         if stop == "time":
-            run.print(f"Time budget of {cfg.max_time:,.0f} s spent at iteration {done}")
+            run.print(f"Time budget of {cfg.max_time:g} s spent at iteration {done}")
         elif stop is not None:
             run.print(f"Stopped by {stop} at iteration {done}: continue with --resume auto")
             summary["interrupted"] = run.stop_flag.signum
@@ -350,7 +350,7 @@ class TimeBudget:
         end = min(c.max_iters, done + max(0, math.floor((c.max_time - now) / (seconds * (1 + share)))))
         run.config.update(max_iters=end, cosine_cycle_iters=end)  # saved with every checkpoint: a resume keeps it
         run.print(
-            f"Time budget: {c.max_time:,.0f} s at {seconds * 1000:.1f} ms/step: the run and its cosine end at iteration {end:,}"
+            f"Time budget: {c.max_time:g} s at {seconds * 1000:.1f} ms/step: the run and its cosine end at iteration {end:,}"
         )
         return end
 
