@@ -22,6 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tqdm import tqdm
+
 from . import interrupted_while_starting
 
 if TYPE_CHECKING:  # for the annotations only: the functions that use torch import it themselves
@@ -33,7 +35,7 @@ if TYPE_CHECKING:  # for the annotations only: the functions that use torch impo
 __all__ = ['SMALL_MODEL_PARAMS', 'MALLOC_TUNABLES', 'MALLOC_OPT_OUT', 'resolve_device', 'available_cores', 'choose_threads',
            'default_threads', 'set_threads', 'tuned_malloc_env', 'relaunch_with_tuned_malloc',
            'bf16_autocast_is_slower', 'atomic_write_text', 'atomic_write_json', 'DirectoryLock', 'load_model',
-           'run_tokenizer_dir', 'checkpoint_parser', 'describe_os_error', 'run_cli']
+           'run_tokenizer_dir', 'checkpoint_parser', 'progress', 'describe_os_error', 'run_cli']
 
 # %% ../nbs/06_runtime.ipynb #1893fe57
 def _mps_available() -> bool:
@@ -388,6 +390,24 @@ def checkpoint_parser(module: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", help="a run directory (its newest checkpoint_<iter>.pt) or a checkpoint file")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: <run>/tokenizer)")
     return parser
+
+# %% ../nbs/06_runtime.ipynb #4da4e47d
+def _widgets_available() -> bool:
+    """Whether this process is a Jupyter kernel that can draw ipywidgets' progress bar."""
+    if "ipykernel.zmqshell" not in sys.modules:  # a terminal, a script, or IPython without a kernel
+        return False
+    from tqdm.notebook import IProgress  # None when ipywidgets is not installed
+
+    return IProgress is not None
+
+
+def progress(**kwargs: Any) -> tqdm:
+    """A tqdm bar (same arguments): Jupyter's widget where ipywidgets is installed, else text on stderr."""
+    if _widgets_available():
+        from tqdm.notebook import tqdm as notebook_tqdm
+
+        return notebook_tqdm(**kwargs)
+    return tqdm(**{"file": sys.stderr, **kwargs})
 
 # %% ../nbs/06_runtime.ipynb #79c17484
 _OS_ERROR_FIXES = {
