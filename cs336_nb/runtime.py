@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # for the annotations only: the functions that use torch impo
 __all__ = ['SMALL_MODEL_PARAMS', 'MALLOC_TUNABLES', 'MALLOC_OPT_OUT', 'resolve_device', 'available_cores', 'choose_threads',
            'default_threads', 'set_threads', 'tuned_malloc_env', 'relaunch_with_tuned_malloc',
            'bf16_autocast_is_slower', 'atomic_write_text', 'atomic_write_json', 'DirectoryLock', 'load_model',
-           'run_tokenizer_dir', 'checkpoint_parser', 'progress', 'describe_os_error', 'run_cli']
+           'run_tokenizer_dir', 'checkpoint_parser', 'progress_bar', 'describe_os_error', 'run_cli']
 
 # %% ../nbs/06_runtime.ipynb #1893fe57
 def _mps_available() -> bool:
@@ -401,7 +401,7 @@ def _widgets_available() -> bool:
     return IProgress is not None
 
 
-def progress(**kwargs: Any) -> tqdm:
+def progress_bar(**kwargs: Any) -> tqdm:
     """A tqdm bar (same arguments): Jupyter's widget where ipywidgets is installed, else text on stderr."""
     if _widgets_available():
         from tqdm.notebook import tqdm as notebook_tqdm
