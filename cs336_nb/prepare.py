@@ -93,6 +93,22 @@ def _check_vocab_size(vocab_size: int, special_tokens: list[str]) -> None:
             f"{MAX_VOCAB_SIZE:,} (BPE vocabularies are usually 10,000 to 100,000)"
         )
 
+# %% ../nbs/09_prepare.ipynb #819afb21
+def _check_text(path, what: str) -> Path:
+    """The path of an existing, non-empty regular file, or a one-line error saying what is wrong."""
+    if not os.fspath(path):
+        raise ValueError(f'{what} "" names no file: give a text file')
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{what} not found: {path} (check the path)")
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder, not a text file")
+    if not path.is_file():
+        raise ValueError(f"{what} {path} is not a regular file: give a text file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{what} is empty: {path} (give a file with text in it)")
+    return path
+
 # %% ../nbs/09_prepare.ipynb #1663d8ef
 def _check_name(name: str) -> str:
     """A dataset name that is a plain file name, so every output stays inside the output folder."""
@@ -121,25 +137,11 @@ def _check_arguments(train_text, corpus, out_dir, name, vocab_size, special_toke
     special_tokens = _check_special_tokens(special_tokens)
     if tokenizer_dir is None:  # a given tokenizer fixes the vocabulary
         _check_vocab_size(vocab_size, special_tokens)
+    if train_text is not None:
+        _check_text(train_text, "training text")  # before its name becomes the dataset's
     out = _check_out_dir(out_dir)
     name = _check_name(name if name is not None else ("pystdlib" if corpus else Path(train_text).stem))
     return out, name, special_tokens
-
-# %% ../nbs/09_prepare.ipynb #819afb21
-def _check_text(path, what: str) -> Path:
-    """The path of an existing, non-empty regular file, or a one-line error saying what is wrong."""
-    if not os.fspath(path):
-        raise ValueError(f'{what} "" names no file: give a text file')
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{what} not found: {path} (check the path)")
-    if path.is_dir():
-        raise ValueError(f"{what} {path} is a folder, not a text file")
-    if not path.is_file():
-        raise ValueError(f"{what} {path} is not a regular file: give a text file")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{what} is empty: {path} (give a file with text in it)")
-    return path
 
 # %% ../nbs/09_prepare.ipynb #549f9701
 def _sha256(path: Path) -> str:
