@@ -394,7 +394,7 @@ def checkpoint_parser(module: str, description: str) -> argparse.ArgumentParser:
 # %% ../nbs/06_runtime.ipynb #4da4e47d
 def _widgets_available() -> bool:
     """Whether this process is a Jupyter kernel that can draw ipywidgets' progress bar."""
-    if "ipykernel.zmqshell" not in sys.modules:  # a terminal, a script, or IPython without a kernel
+    if sys.modules.get("ipykernel.zmqshell") is None:  # a terminal, a script, or IPython without a kernel
         return False
     from tqdm.notebook import IProgress  # None when ipywidgets is not installed
 
