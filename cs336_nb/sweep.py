@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['SWEEP_OWNED', 'NOT_SWEPT', 'RECIPE_KEYS', 'SUMMARY_COLUMNS', 'parse_value', 'parse_grid', 'check_grid_values',
-           'expand_grid', 'format_value', 'point_name', 'Sweep', 'read_recipe', 'is_recipe', 'manifest',
+           'expand_grid', 'format_value', 'point_name', 'train_flags', 'Sweep', 'read_recipe', 'is_recipe', 'manifest',
            'claim_manifest', 'read_manifest', 'train_command', 'run_outcome', 'slot_setup', 'start_run', 'read_result',
            'run_sweep', 'summarize_run', 'summary_rows', 'summary_markdown', 'write_summary', 'compare_figure',
            'build_parser', 'sweep_from_args', 'main']
@@ -13,6 +13,7 @@ __all__ = ['SWEEP_OWNED', 'NOT_SWEPT', 'RECIPE_KEYS', 'SUMMARY_COLUMNS', 'parse_
 import argparse
 import csv
 import ctypes
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -31,11 +32,19 @@ from pathlib import Path
 
 from .checkpoint import atomic_write
 from .runtime import DirectoryLock, atomic_write_json, atomic_write_text, available_cores, run_cli
-from .train import TrainConfig, check_data_files, config_from_dict, load_config_file, validate_config
+from cs336_nb.config import (
+    TrainConfig,
+    check_data_files,
+    config_from_dict,
+    load_config_file,
+    resolve_config,
+    validate_config,
+)
 
 # %% ../nbs/20_sweep.ipynb #sw-values
 _HINTS = typing.get_type_hints(TrainConfig)
-SWEEP_OWNED = ("checkpoint_dir", "resume")  # set by the sweep for every point
+_PARSERS = {f.name: f.metadata["parse"] for f in dataclasses.fields(TrainConfig) if f.metadata.get("parse")}
+SWEEP_OWNED = ("checkpoint_dir", "resume", "wandb_group")  # set by the sweep for every point
 NOT_SWEPT = (*SWEEP_OWNED, "wandb_run_name", "wandb_tags")  # one value per sweep
 
 
@@ -49,9 +58,12 @@ def _field_type(key: str) -> type:
 
 
 def parse_value(key: str, text: str):
-    """`text` read as the config field `key`: an int, a float, a bool (true or false) or a string."""
+    """`text` read as the config field `key`: an int, a float, a bool (true or false), a string, or by its own parser."""
     kind = _field_type(key)
     word = text.strip()
+    parse = _PARSERS.get(key)
+    if parse is not None:
+        return parse(word)  # e.g. max_time: 5400, 90m, 1.5h
     try:
         if kind is bool and word.lower() in ("true", "false"):
             return word.lower() == "true"
@@ -123,6 +135,24 @@ def point_name(point: dict) -> str:
         name = name[:180] + "," + hashlib.sha1(name.encode()).hexdigest()[:16]
     return name
 
+# %% ../nbs/20_sweep.ipynb #sw-flags
+def _flag(key: str, value) -> list[str]:
+    """The training CLI's flag(s) for one setting."""
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return [flag if value else f"--no-{flag[2:]}"]
+    if isinstance(value, list):
+        return [flag, ",".join(map(str, value))]
+    return [flag, format_value(value)]
+
+
+def train_flags(config: str | None, settings: dict, point: dict, run_dir: Path) -> list[str]:
+    """The training CLI's flags for `point`'s run: `--config`, the settings, the point's values, its directory."""
+    flags = ["--config", str(config)] if config else []
+    for key, value in {**settings, **point}.items():
+        flags += _flag(key, value)
+    return [*flags, "--checkpoint-dir", str(run_dir)]
+
 # %% ../nbs/20_sweep.ipynb #sw-spec
 RECIPE_KEYS = ("description", "base", "settings", "grid")
 
@@ -161,10 +191,8 @@ class Sweep:
 
     def run_config(self, point: dict, check_files: bool = True) -> TrainConfig:
         """The training config of `point`'s run, checked as the training CLI checks it (and its data files exist)."""
-        values = {**self.base(), **point, "checkpoint_dir": str(self.out / point_name(point))}
-        values.pop("resume", None)
         try:
-            cfg = config_from_dict(values, source=self.config or "the sweep")
+            cfg, _ = resolve_config(train_flags(self.config, self.settings, point, self.out / point_name(point)))
             validate_config(cfg)
             if check_files:
                 check_data_files(cfg)
@@ -274,25 +302,11 @@ def read_manifest(out: str | os.PathLike) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 # %% ../nbs/20_sweep.ipynb #sw-command
-def _flag(key: str, value) -> list[str]:
-    """The training CLI's flag(s) for one setting."""
-    flag = "--" + key.replace("_", "-")
-    if isinstance(value, bool):
-        return [flag if value else f"--no-{flag[2:]}"]
-    if isinstance(value, list):
-        return [flag, ",".join(map(str, value))]
-    return [flag, format_value(value)]
-
-
 def train_command(sweep: Sweep, point: dict, wandb: bool = False) -> list[str]:
     """The command that trains (or resumes) `point`'s run: `python -m cs336_nb.train ... --resume auto`."""
-    command = [sys.executable, "-m", "cs336_nb.train"]
-    if sweep.config:
-        command += ["--config", str(sweep.config)]
-    for key, value in {**sweep.settings, **point}.items():
-        command += _flag(key, value)
     name = point_name(point)
-    command += ["--checkpoint-dir", str(sweep.out / name), "--resume", "auto"]
+    flags = train_flags(sweep.config, sweep.settings, point, sweep.out / name)
+    command = [sys.executable, "-m", "cs336_nb.train", *flags, "--resume", "auto"]
     if wandb:
         command += ["--wandb", "--wandb-group", sweep.name, "--wandb-run-name", f"{sweep.name}/{name}"]
     return command
@@ -500,14 +514,16 @@ def summarize_run(run_dir: Path, result: dict | None = None, vocab_size: int | N
     )
 
 # %% ../nbs/20_sweep.ipynb #sw-table
-def _cell(value) -> str:
-    """A summary value as Markdown shows it: losses to 4 decimals, counts with separators."""
+def _cell(column: str, value) -> str:
+    """A summary value as Markdown shows it: losses to 4 decimals, seconds to 1, counts with separators."""
     if value is None:
         return ""
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if column == "wall_time_s":
+        return f"{value:,.1f}"
     if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 100 else f"{value:,.0f}"
+        return f"{value:.4f}" if abs(value) < 100 and column != "tokens_per_s" else f"{value:,.0f}"
     return f"{value:,}" if isinstance(value, int) else str(value).replace("|", "\\|")
 
 
@@ -544,7 +560,7 @@ def summary_markdown(rows: list[dict]) -> str:
         "|" + "|".join("---" if i < 2 or i == 9 else "--:" for i in range(10)) + "|",
     ]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row[c]) for c in SUMMARY_COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(c, row[c]) for c in SUMMARY_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -575,12 +591,14 @@ def compare_figure(out: Path, run_dirs: list[Path], path: Path | None = None):
     if not runs:
         return None
     fig = plot_runs(runs, title=f"sweep {Path(out).resolve().name}", warn=lambda m: None)
-    val = [r["val_loss"] for d in runs for r in read_metrics(d, warn=lambda m: None)["eval"]]
-    finite = [v for v in val if math.isfinite(v)]
-    if finite:
-        low, high = min(finite), max(min(finite) * 2, sorted(finite)[len(finite) * 3 // 4])
+    metrics = [read_metrics(d, warn=lambda m: None) for d in runs]
+    losses = [r.get("loss", r.get("val_loss")) for m in metrics for r in m["train"] + m["eval"]]
+    losses = [v for v in losses if v is not None and math.isfinite(v)]
+    starts = [m["train"][0]["loss"] for m in metrics if m["train"] and math.isfinite(m["train"][0]["loss"])]
+    if losses:  # from the lowest loss up to the untrained model's: a blow-up leaves at the top
+        low, high = min(losses), max(starts or losses)
         for ax in fig.axes:
-            ax.set_ylim(low - 0.05 * (high - low) - 0.05, high + 0.15 * (high - low) + 0.05)
+            ax.set_ylim(low - 0.05 * (high - low) - 0.02, high + 0.05 * (high - low) + 0.02)
     if path is not None:
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png")

@@ -173,6 +173,19 @@ def test_failing_point_is_recorded_and_the_rest_run(world):
     assert "3 points, 2 ended, 1 to run" in again.stdout, again.stdout
 
 
+def test_jobs_run_points_at_once(world):
+    out = world / "jobs"
+    proc = run_module("sweep", *sweep_args(world, out), "--set", "max_iters=8", "--jobs", "2", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].endswith("2 points, 0 ended, 2 to run, 2 at a time"), lines
+    assert [line.split("] ")[1].split()[0] for line in lines[1:3]] == ["start", "start"]  # both before either ends
+    for name in ("max_lr=0.001", "max_lr=0.003"):
+        assert json.loads((out / name / "result.json").read_text())["status"] == "done"
+        assert losses(out / name)[-1][:2] == ("eval", 8)
+        assert "Nothing to train" not in (out / name / "train.log").read_text()
+
+
 def test_summary_equals_each_runs_metrics(uninterrupted):
     rows = list(csv.DictReader((uninterrupted / "summary.csv").open()))
     assert [row["point"] for row in rows] == ["max_lr=0.001", "max_lr=0.003"]
@@ -214,10 +227,6 @@ RECIPES = {  # recipe: (points, the grid's keys)
 }
 
 
-@pytest.mark.skipif(
-    "tokens" not in __import__("cs336_nb.train", fromlist=["TrainConfig"]).TrainConfig.__dataclass_fields__,
-    reason="the recipes budget runs in tokens (--tokens)",
-)
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipes_are_valid_sweeps(name):
     from cs336_nb.sweep import Sweep, point_name, read_recipe
@@ -233,6 +242,7 @@ def test_recipes_are_valid_sweeps(name):
             shape = (cfg.context_length, cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.rope_theta)
             assert shape == (256, 512, 4, 16, 10000.0) and cfg.d_ff == (2048 if cfg.ffn_type == "silu" else 1344)
             assert cfg.tokens == (40_000_000 if name == "cpu_lr_sweep" else 327_680_000)
+            assert cfg.max_iters == -(-cfg.tokens // (cfg.batch_size * cfg.context_length))  # --tokens sets the steps
             assert cfg.vocab_size == (32_000 if name == "owt_main" else 10_000)
         else:
             assert (cfg.context_length, cfg.max_time, cfg.device) == (512, 5400.0, "cuda")
