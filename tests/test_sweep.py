@@ -141,6 +141,36 @@ def test_kill_9_then_rerun_equals_uninterrupted(world, uninterrupted):
         assert json.loads((out / name / "result.json").read_text())["status"] == "done"
 
 
+def test_ctrl_c_saves_and_the_rerun_resumes(world, uninterrupted):
+    out = world / "ctrl_c"
+    first = out / "max_lr=0.001"
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "cs336_nb.sweep", *map(str, sweep_args(world, out))],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (first / "checkpoint_40.pt").exists():
+            assert sweep.poll() is None and time.monotonic() < deadline, "the first point never saved a checkpoint"
+            time.sleep(0.01)
+        sweep.send_signal(signal.SIGINT)  # what Ctrl-C sends the sweep (its runs are in their own session)
+        stdout, stderr = sweep.communicate(timeout=120)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 130 and stderr == "sweep: interrupted\n", (sweep.returncode, stderr)
+    assert "[1/2] stopped max_lr=0.001: saved; rerun the sweep to resume it" in stdout, stdout
+    assert "Stopped by SIGINT" in (first / "train.log").read_text()
+    assert not (first / "result.json").exists() and not (out / "max_lr=0.003").exists()
+    rerun = run_module("sweep", *sweep_args(world, out), timeout=300)
+    assert rerun.returncode == 0 and "2 points, 0 ended, 2 to run" in rerun.stdout, rerun.stdout + rerun.stderr
+    for name in ("max_lr=0.001", "max_lr=0.003"):
+        assert losses(out / name) == losses(uninterrupted / name), name
+
+
 def test_failing_point_is_recorded_and_the_rest_run(world):
     # a token file that exists (the up-front check passes) but is not a .npy: its run fails when it loads it
     (world / "broken.npy").write_bytes(b"not an array")
