@@ -243,17 +243,8 @@ def is_recipe(path: str | os.PathLike) -> bool:
     return "grid" in load_config_file(path)
 
 # %% ../nbs/20_sweep.ipynb #sw-manifest
-_NOT_COMPARED = (
-    "device",
-    "threads",
-    "compile",
-    "wandb",
-    "wandb_project",
-    "wandb_run_name",
-    "wandb_tags",
-    "checkpoint_dir",
-    "resume",
-)
+_NOT_COMPARED = ("device", "threads", "compile", "checkpoint_dir", "resume")
+_NOT_COMPARED += ("wandb", "wandb_project", "wandb_group", "wandb_run_name", "wandb_tags")
 
 
 def manifest(sweep: Sweep) -> dict:
