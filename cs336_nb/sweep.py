@@ -317,7 +317,7 @@ def run_outcome(returncode: int, log_text: str) -> dict | None:
     """The result of a run that exited with `returncode`: done, diverged or failed (and why); None if it was stopped."""
     if returncode == 0:
         return {"status": "done", "reason": None}
-    if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+    if returncode in (128 + signal.SIGHUP, 128 + signal.SIGINT, 128 + signal.SIGTERM):
         return None  # stopped and saved: the next sweep resumes it
     if returncode < 0:
         return {"status": "failed", "reason": f"killed by {signal.Signals(-returncode).name}"}
@@ -382,13 +382,13 @@ def read_result(run_dir: Path) -> dict | None:
 
 
 class _Signals:
-    """While inside: SIGINT and SIGTERM are noted and passed on to the running training runs."""
+    """While inside: SIGHUP, SIGINT and SIGTERM are noted and passed on to the running training runs."""
 
     def __init__(self, running: dict):
         self.running, self.signum = running, None
 
     def __enter__(self):
-        self.saved = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.saved = {s: signal.signal(s, self._on_signal) for s in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc):
