@@ -7,11 +7,20 @@ __all__ = ['QUICKSTART_CONFIG', 'CORPUS_NAME', 'CORPUS_BYTES', 'PROMPT', 'quicks
 
 # %% ../nbs/17_quickstart.ipynb #6a618a25
 import argparse
+import sys
 import time
 from pathlib import Path
 
 from . import generate, prepare, train
-from .runtime import available_cores, default_threads, load_model, run_cli, run_tokenizer_dir, set_threads
+from cs336_nb.runtime import (
+    available_cores,
+    default_threads,
+    load_model,
+    relaunch_with_tuned_malloc,
+    run_cli,
+    run_tokenizer_dir,
+    set_threads,
+)
 from .tokenizer import Tokenizer
 
 # %% ../nbs/17_quickstart.ipynb #940f88b9
@@ -40,6 +49,22 @@ def _read_config(config: Path) -> train.TrainConfig:
     if cfg.train_data is None or cfg.vocab_size is None:
         raise ValueError(f"{config} names no train_data or vocab_size (the quick start prepares that dataset)")
     return cfg
+
+
+def _run_dir(cfg: train.TrainConfig, train_argv: list[str]) -> Path:
+    """The run directory training writes: the --checkpoint-dir the training flags give, else the config's."""
+    given = vars(train.build_parser().parse_args(train_argv))  # flags not given are absent (SUPPRESS)
+    return Path(given.get("checkpoint_dir", cfg.checkpoint_dir))
+
+
+def _check_sampling(prompt: str, max_new_tokens: int, seed: int) -> None:
+    """Refuse sampling flags that would fail only after training."""
+    if not prompt:
+        raise ValueError('empty --prompt: give some text to continue, e.g. --prompt "def "')
+    if max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"--seed must be in [0, 2**63), got {seed}")
 
 
 def _dataset_location(train_data: str) -> tuple[Path, str]:
@@ -77,6 +102,7 @@ def quickstart(
     """Prepare the standard-library corpus, train the quick-start model, print and return a sample."""
     if threads is not None:
         set_threads(threads)  # checks it before any work
+    _check_sampling(prompt, max_new_tokens, seed)
     config = _find_config(config)
     cfg = _read_config(config)
     out_dir, name = _dataset_location(cfg.train_data)
@@ -93,7 +119,7 @@ def quickstart(
     print(f"== 2/3 train: python -m cs336_nb.train {' '.join(train_argv)}", flush=True)
     summary = train.main([*train_argv, *(train_args or [])])
     # 3) sample from the newest checkpoint, loaded as the generate command loads it
-    run_dir = Path(cfg.checkpoint_dir)
+    run_dir = _run_dir(cfg, [*train_argv, *(train_args or [])])  # where this training wrote
     model, _, newest = load_model(run_dir)
     tokenizer = Tokenizer.from_dir(run_tokenizer_dir(newest))
     set_threads(threads, sum(p.numel() for p in model.parameters()))
@@ -133,4 +159,5 @@ def main(argv: list[str] | None = None) -> str:
 # %% ../nbs/17_quickstart.ipynb #96c34d9d
 #| eval: false
 if __name__ == "__main__" and "__file__" in globals():
+    relaunch_with_tuned_malloc("cs336_nb.quickstart", sys.argv[1:])  # as train does: before any large allocation
     main()

@@ -201,12 +201,21 @@ ATTACKS = {
 }
 
 
+# A device read whole never returns to Python, so no alarm can stop it: these run in a real process, with a
+# timeout and a memory limit (a regression then fails in seconds, with MemoryError, instead of filling the machine).
+REAL_PROCESS = {"--text is /dev/zero", "--data is /dev/zero", "--data links to /dev/urandom", "--data is a pipe"}
+
+
 @pytest.mark.parametrize("case", list(ATTACKS))
 def test_attack(case, work):
     setup, words = ATTACKS[case]
     argv = setup(work)
     before = snapshot(work)
-    code, out, err = cli(argv, work)
+    if case in REAL_PROCESS:
+        proc = command(argv, work, data_limit=4 << 30)
+        code, out, err = proc.returncode, proc.stdout, proc.stderr
+    else:
+        code, out, err = cli(argv, work)
     assert code == 2, (out, err)
     one_line(err, words)
     assert "dtype=" not in err  # no argument the command line does not have
@@ -285,10 +294,16 @@ def test_result_is_the_hand_computed_loss(work):
 # --- real processes: the file-size limit, a pipe ---------------------------------------------------------------------
 
 
-def command(argv: list, cwd: Path, limit_bytes: int | None = None) -> subprocess.CompletedProcess:
+def command(
+    argv: list, cwd: Path, file_limit: int | None = None, data_limit: int | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m cs336_nb.evaluate argv` in a real process, with a timeout and optional file-size and memory limits."""
+
     def limit():
-        if limit_bytes is not None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+        if file_limit is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+        if data_limit is not None:
+            resource.setrlimit(resource.RLIMIT_DATA, (data_limit, data_limit))
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
     return subprocess.run(
@@ -304,7 +319,7 @@ def command(argv: list, cwd: Path, limit_bytes: int | None = None) -> subprocess
 
 def test_file_size_limit_is_one_line(work):
     before = snapshot(work)
-    proc = command(DATA, work, limit_bytes=100)  # a result is ~500 bytes: its write passes the limit
+    proc = command(DATA, work, file_limit=100)  # a result is ~500 bytes: its write passes the limit
     assert proc.returncode == 2, proc.stderr
     one_line(proc.stderr, "file-size limit", "ulimit -f")
     assert snapshot(work) == before and not list(work.rglob(".*.tmp"))  # no result, no half file
