@@ -161,6 +161,8 @@ def evaluate(
         raise ValueError(f"--max-tokens must be at least 2, got {max_tokens}")
     if not os.fspath(src):
         raise ValueError("the checkpoint argument is empty (pass a run directory or a checkpoint file)")
+    if tokenizer_dir is not None and not os.fspath(tokenizer_dir):
+        raise ValueError("--tokenizer is empty (pass the tokenizer's folder, or leave it out for the run's own)")
     source = _input_file(text if text is not None else data, "--text" if text is not None else "--data")
     if not isinstance(out, bool):
         out = _check_out(out)  # before any work: a refused --out costs nothing
@@ -296,6 +298,9 @@ def _check_out(out: str | os.PathLike) -> Path:
     path = Path(out)
     if path.suffix != ".json" or path.name in _RESERVED_NAMES:
         raise ValueError(f"--out {path}: not a name for a result (name a .json file of its own, e.g. eval.json)")
+    above = next(p for p in [path.parent, *path.parent.parents] if os.path.lexists(p))  # "." always exists
+    if not above.is_dir():
+        raise ValueError(f"--out {path}: {above} is a file, not a folder (choose another --out)")
     if os.path.lexists(path):
         if not path.is_file():
             raise ValueError(f"--out {path} exists and is not a regular file (name a .json file of its own)")

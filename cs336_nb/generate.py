@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -308,6 +309,11 @@ def _check_flags(args: argparse.Namespace) -> None:
     _check_sampling(args.temperature, args.top_p, args.top_k)
     if not args.checkpoint:
         raise ValueError("--checkpoint is empty (pass a run directory or a checkpoint file)")
+    if args.tokenizer == "":
+        raise ValueError("--tokenizer is empty (pass the tokenizer's folder, or leave it out for the run's own)")
+    cores = os.cpu_count() or 1
+    if args.threads is not None and not 1 <= args.threads <= cores:  # torch crashes on absurd counts
+        raise ValueError(f"--threads must be in [1, {cores}], this machine's cores; got {args.threads}")
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.num_samples < 1:

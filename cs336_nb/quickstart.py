@@ -7,6 +7,7 @@ __all__ = ['QUICKSTART_CONFIG', 'CORPUS_NAME', 'CORPUS_BYTES', 'PROMPT', 'quicks
 
 # %% ../nbs/17_quickstart.ipynb #6a618a25
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -57,8 +58,13 @@ def _run_dir(cfg: train.TrainConfig, train_argv: list[str]) -> Path:
     return Path(given.get("checkpoint_dir", cfg.checkpoint_dir))
 
 
-def _check_sampling(prompt: str, max_new_tokens: int, seed: int) -> None:
-    """Refuse sampling flags that would fail only after training."""
+def _check_flags(prompt: str, max_new_tokens: int, seed: int, corpus_bytes: int, threads: int | None) -> None:
+    """Refuse flags that would fail only after preparing or training."""
+    if corpus_bytes < 1:
+        raise ValueError(f"--corpus-bytes must be positive, got {corpus_bytes}")
+    cores = os.cpu_count() or 1
+    if threads is not None and not 1 <= threads <= cores:  # torch crashes on absurd counts
+        raise ValueError(f"--threads must be in [1, {cores}], this machine's cores; got {threads}")
     if not prompt:
         raise ValueError('empty --prompt: give some text to continue, e.g. --prompt "def "')
     if max_new_tokens < 0:
@@ -100,9 +106,9 @@ def quickstart(
     threads: int | None = None,  # None: the runtime's choice for the model size
 ) -> str:
     """Prepare the standard-library corpus, train the quick-start model, print and return a sample."""
+    _check_flags(prompt, max_new_tokens, seed, corpus_bytes, threads)  # before any work
     if threads is not None:
-        set_threads(threads)  # checks it before any work
-    _check_sampling(prompt, max_new_tokens, seed)
+        set_threads(threads)
     config = _find_config(config)
     cfg = _read_config(config)
     out_dir, name = _dataset_location(cfg.train_data)

@@ -166,6 +166,10 @@ ATTACKS = {
     "--out is a pipe": (lambda w: [*DATA, "--out", _pipe(w, "p.json")], "not a regular file"),
     "--out links to /dev/null": (lambda w: [*DATA, "--out", _link(w, "n.json", "/dev/null")], "not a regular file"),
     "--out links nowhere": (lambda w: [*DATA, "--out", _link(w, "gone.json", "nowhere")], "not a regular file"),
+    "--out inside the checkpoint file": (
+        lambda w: [*DATA, "--out", "run/checkpoint_9.pt/eval.json"],
+        "run/checkpoint_9.pt is a file, not a folder",
+    ),
     # refuse what prepare refuses
     "--text is a pipe": (lambda w: ["run", "--text", _pipe(w, "p.txt")], "not a regular file"),
     "--data is a pipe": (lambda w: ["run", "--data", _pipe(w, "p.npy")], "not a regular file"),
@@ -197,6 +201,7 @@ ATTACKS = {
     "--stride beyond the window": (lambda w: [*DATA, "--context-length", 8, "--stride", 9], "context_length=8"),
     "empty checkpoint argument": (lambda w: ["", "--data", "val.npy"], "checkpoint argument is empty"),
     "--tokenizer is a file": (lambda w: [*DATA, "--tokenizer", "val.txt"], "--tokenizer"),
+    "--tokenizer ''": (lambda w: [*DATA, "--tokenizer", ""], "--tokenizer is empty"),
     "checkpoint is a text file": (lambda w: ["val.txt", "--data", "val.npy"], "val.txt"),
 }
 

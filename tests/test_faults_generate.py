@@ -68,6 +68,24 @@ def cli(prog: str, argv: list, cwd: Path | None = None, timeout: int = TIMEOUT) 
     return code, out.getvalue(), err.getvalue()
 
 
+def command(prog: str, argv: list, cwd: Path) -> tuple[int, str, str]:
+    """`python -m cs336_nb.<prog> argv` in a real process (for attacks that could crash the interpreter)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CS336_MALLOC_TUNING": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", f"cs336_nb.{prog}", *map(str, argv)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 2,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+# torch crashes (SIGSEGV) when asked for 100,000 threads: a regression must not take the test process with it
+REAL_PROCESS = {"--threads 100000 (torch crashes)", "--threads 100000"}
+
+
 def snapshot(d: Path) -> dict[str, str]:
     """Every regular file under `d` and a hash of its bytes."""
     return {
@@ -155,6 +173,8 @@ GENERATE_ATTACKS = {
     "--tokenizer is a file": (["--tokenizer", "plain.txt"], "--tokenizer"),
     "--tokenizer is a pipe": (["--tokenizer", "pipe"], "--tokenizer"),
     "--prompt ''": (["--prompt", ""], "empty prompt"),
+    "--tokenizer ''": (["--tokenizer", ""], "--tokenizer is empty"),
+    "--threads 100000 (torch crashes)": (["--threads", 100_000], "--threads must be in"),
 }
 
 
@@ -162,7 +182,8 @@ GENERATE_ATTACKS = {
 def test_generate_attack(case, work):
     extra, expect = GENERATE_ATTACKS[case]
     before = snapshot(work)
-    code, out, err = cli("generate", [*GEN, *extra], cwd=work)
+    run = command if case in REAL_PROCESS else cli
+    code, out, err = run("generate", [*GEN, *extra], cwd=work)
     assert snapshot(work) == before
     if expect not in ("greedy", "samples"):
         assert code == 2, (out, err)
@@ -189,6 +210,8 @@ QUICKSTART_ATTACKS = {  # flags: words of the one line; refused before anything 
     "--config is a pipe": (["--config", "{work}/pipe"], "no config at"),
     "--config is a folder": (["--config", "{work}"], "no config at"),
     "--threads 0": (["--threads", 0], "--threads"),
+    "--threads 100000": (["--threads", 100_000], "--threads must be in"),
+    "--corpus-bytes 0": (["--corpus-bytes", 0], "--corpus-bytes must be positive"),
 }
 
 
@@ -196,7 +219,8 @@ QUICKSTART_ATTACKS = {  # flags: words of the one line; refused before anything 
 def test_quickstart_refuses_before_any_work(case, work, tmp_path):
     flags, words = QUICKSTART_ATTACKS[case]
     flags = [str(f).format(work=work) for f in flags]
-    code, out, err = cli("quickstart", flags, cwd=tmp_path)
+    run = command if case in REAL_PROCESS else cli
+    code, out, err = run("quickstart", flags, cwd=tmp_path)
     assert code == 2, (out, err)
     one_line(err, "quickstart", words)
     assert out == "" and list(tmp_path.iterdir()) == []  # nothing prepared, nothing trained
