@@ -13,15 +13,8 @@ import time
 from pathlib import Path
 
 from . import generate, prepare, train
-from cs336_nb.runtime import (
-    available_cores,
-    default_threads,
-    load_model,
-    relaunch_with_tuned_malloc,
-    run_cli,
-    run_tokenizer_dir,
-    set_threads,
-)
+from .runtime import available_cores, default_threads, load_model, relaunch_with_tuned_malloc
+from .runtime import run_cli, run_tokenizer_dir, set_threads
 from .tokenizer import Tokenizer
 
 # %% ../nbs/17_quickstart.ipynb #940f88b9
