@@ -245,9 +245,9 @@ def test_resume_auto_and_pruning(halves):
 
 def _wandb_history(run_dir: Path) -> tuple[dict, list[dict], dict]:
     """The run record, history rows and config of one offline W&B run, read back by W&B's own reader."""
-    proc = subprocess.run(
-        ["wandb", "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True, timeout=120
-    )
+    # W&B's command through this interpreter, not `wandb` on PATH (absent when python is called by its full path)
+    command = [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     run = next(r["run"] for r in records if r["type"] == "run")
@@ -293,8 +293,10 @@ def test_wandb_offline_metrics(halves):
 # --- faults ---------------------------------------------------------------------------------------
 
 
-def test_sigterm_saves_and_exits(work):
-    out = work / "sigterm"
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_sigterm_saves_and_exits(work, sig):
+    """SIGTERM (a scheduler) and SIGHUP (the terminal went away) finish the step, save and exit 128 + signal."""
+    out = work / sig.name.lower()
     args = flags(
         train_data=work / "train.npy",
         val_data=work / "val.npy",
@@ -318,20 +320,20 @@ def test_sigterm_saves_and_exits(work):
             seen.append(line)
             if line.startswith("iter      3 ") or time.time() > deadline:
                 break
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         rest, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     stdout = "".join(seen) + rest
-    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, stdout[-2000:], err[-2000:])
+    assert proc.returncode == 128 + sig, (proc.returncode, stdout[-2000:], err[-2000:])
     assert "Traceback" not in err
     saved = sorted(out.glob("checkpoint_*.pt"))
     assert len(saved) == 1
     step = load(saved[0])["iteration"]
     assert step >= 4 and saved[0].name == f"checkpoint_{step}.pt"
     assert f"[CHECKPOINT] Saved to {saved[0]}" in stdout
-    assert f"Stopped by SIGTERM at iteration {step}: continue with --resume auto" in stdout
+    assert f"Stopped by {sig.name} at iteration {step}: continue with --resume auto" in stdout
     assert max(train_losses(out)) == step - 1  # the last step was logged too
 
 
@@ -491,7 +493,7 @@ def test_bad_distributed_setup(env, words, work, monkeypatch, capsys):
     "path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json")), ids=lambda p: p.stem
 )
 def test_shipped_configs_are_valid(path):
-    from cs336_nb.train import config_from_dict, load_config_file, validate_config
+    from cs336_nb.config import config_from_dict, load_config_file, validate_config
 
     cfg = config_from_dict(load_config_file(path), source=str(path))
     validate_config(cfg)
