@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from . import generate, prepare, train
+from .config import TrainConfig, build_parser, config_from_dict, load_config_file, normalize_flags
 from .runtime import available_cores, default_threads, load_model, relaunch_with_tuned_malloc
 from .runtime import run_cli, run_tokenizer_dir, set_threads
 from .tokenizer import Tokenizer
@@ -37,17 +38,17 @@ def _find_config(config: str | Path | None) -> Path:
     raise ValueError(f"no {QUICKSTART_CONFIG} here or beside the package (pass --config FILE)")
 
 
-def _read_config(config: Path) -> train.TrainConfig:
+def _read_config(config: Path) -> TrainConfig:
     """The training config, read and checked by the training CLI's own loader, with the data it names."""
-    cfg = train.config_from_dict(train.load_config_file(config), source=str(config))
+    cfg = config_from_dict(load_config_file(config), source=str(config))
     if cfg.train_data is None or cfg.vocab_size is None:
         raise ValueError(f"{config} names no train_data or vocab_size (the quick start prepares that dataset)")
     return cfg
 
 
-def _run_dir(cfg: train.TrainConfig, train_argv: list[str]) -> Path:
+def _run_dir(cfg: TrainConfig, train_argv: list[str]) -> Path:
     """The run directory training writes: the --checkpoint-dir the training flags give, else the config's."""
-    given = vars(train.build_parser().parse_args(train_argv))  # flags not given are absent (SUPPRESS)
+    given = vars(build_parser().parse_args(normalize_flags(train_argv)))  # flags not given are absent (SUPPRESS)
     return Path(given.get("checkpoint_dir", cfg.checkpoint_dir))
 
 
@@ -75,7 +76,7 @@ def _dataset_location(train_data: str) -> tuple[Path, str]:
     return train_data.parent, train_data.name[: -len(suffix)]
 
 # %% ../nbs/17_quickstart.ipynb #4e49f00a
-def _threads_note(cfg: train.TrainConfig, threads: int | None) -> str | None:
+def _threads_note(cfg: TrainConfig, threads: int | None) -> str | None:
     """One line about the thread count when it matters: several cores and no --threads given."""
     cores = available_cores()
     if threads is not None or cores < 2:
