@@ -5,7 +5,6 @@
 # %% ../nbs/19_evaluate.ipynb #a21dfe8e
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
@@ -189,7 +188,7 @@ def evaluate(
         out = _check_out(_default_out(header))
     result = {**header, **evaluate_ids(model, ids, tokenizer, stride, batch_size, progress, length)}
     if out is not False:
-        _write_result(out, result)
+        atomic_write_json(out, result)  # a temporary file, then a rename
     return result
 
 # %% ../nbs/19_evaluate.ipynb #92df7b2a
@@ -323,18 +322,6 @@ def _default_out(header: dict) -> Path:
     run_dir = Path(header["checkpoint"]).parent
     name = Path(header["input"]).name.removesuffix(".npy")
     return run_dir / f"eval_{name}_{header['iteration']}_{header['fingerprint']}.json"
-
-
-def _write_result(out: Path, result: dict) -> None:
-    """Write the result atomically; the file-size limit (EFBIG) becomes a one-line error."""
-    try:
-        atomic_write_json(out, result)
-    except OSError as error:
-        if error.errno != errno.EFBIG:
-            raise
-        raise ValueError(
-            f"{out}: the result passes the file-size limit (raise it with ulimit -f, or write elsewhere)"
-        ) from None
 
 # %% ../nbs/19_evaluate.ipynb #a1d555be
 def main(argv: list[str] | None = None) -> dict:
