@@ -16,11 +16,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from .data import load_dataset
 from .model import TransformerLM
-from .runtime import atomic_write_json, checkpoint_parser, load_model, run_cli, run_tokenizer_dir, set_threads
+from cs336_nb.runtime import (
+    atomic_write_json,
+    checkpoint_parser,
+    load_model,
+    progress_bar,
+    run_cli,
+    run_tokenizer_dir,
+    set_threads,
+)
 from .tokenizer import Tokenizer
 
 # %% auto #0
@@ -72,7 +79,7 @@ def sequence_nll(
     device = next(model.parameters()).device
     windows = sliding_windows(len(ids), window_length(model, context_length), stride)
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    bar = tqdm(total=len(windows), desc="evaluate", unit="window", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=len(windows), desc="evaluate", unit="window", disable=not progress)
     for i in range(0, len(windows), batch_size):
         group = windows[i : i + batch_size]
         for length in sorted({end - begin for begin, end, _ in group}, reverse=True):  # the last window may be short
