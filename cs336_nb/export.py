@@ -354,7 +354,7 @@ def load_hf_weights(model: TransformerLM, directory: str | os.PathLike) -> Trans
 
 
 def load_hf_model(directory: str | os.PathLike, device=None, dtype=None) -> TransformerLM:
-    """The `TransformerLM` in a local Hugging Face Llama directory: its config, then its weights (`from_hf`)."""
+    """The `TransformerLM` in a local Hugging Face Llama directory: its config, then its weights."""
     config, state = read_hf_llama(directory)  # q/k rows permuted back to our RoPE pairs
     model = TransformerLM.from_config(config, device=device, dtype=dtype)
     model.load_state_dict(state)
