@@ -502,7 +502,8 @@ def read_hf_llama(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]
     missing = sorted(k for k in names.values() if k not in hf)
     if missing:
         raise ValueError(f"{directory}: model.safetensors lacks {', '.join(missing[:3])}")
-    shapes = {k: tuple(v.shape) for k, v in TransformerLM.from_config(config, device="meta").state_dict().items()}
+    meta = TransformerLM.from_config(config | {"context_length": 1}, device="meta")  # no weight depends on it
+    shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     for ours, theirs in names.items():  # check every tensor before the caller builds or fills a model
         tensor = hf[theirs]
         if tuple(tensor.shape) != shapes[ours]:
@@ -539,9 +540,17 @@ def load_hf_weights(model: TransformerLM, directory: str | os.PathLike) -> Trans
     return model
 
 
+_MAX_POSITIONS = 1 << 20  # RoPE keeps a cos/sin table of every position in every layer
+
+
 def load_hf_model(directory: str | os.PathLike, device=None, dtype=None) -> TransformerLM:
     """The `TransformerLM` in a local Hugging Face Llama directory: its config, then its weights."""
     config, state = read_hf_llama(directory)  # q/k rows permuted back to our RoPE pairs
+    if config["context_length"] > _MAX_POSITIONS:
+        raise ValueError(
+            f"{Path(directory) / 'config.json'}: max_position_embeddings={config['context_length']:,} is more "
+            f"positions than TransformerLM keeps RoPE tables for ({_MAX_POSITIONS:,}; lower it to the context you need)"
+        )
     model = TransformerLM.from_config(config, device=device, dtype=dtype)
     model.load_state_dict(state)
     return model

@@ -472,6 +472,14 @@ ATTACKS = [
     ),
     Attack("init-from: another model's shape", "train", with_scene(_wider), ("{d}/hf", "d_ff=128 (the model: 64)")),
     Attack(
+        "init-from: 10**12 positions",  # no weight depends on them: the run keeps its own context, nothing allocated
+        "train",
+        with_config(max_position_embeddings=10**12),
+        status=0,
+        guard=("hf",),
+        after=_started_from_the_export,
+    ),
+    Attack(
         "init-from: config a FIFO",
         "train",
         with_scene(_config_is_a_fifo),
