@@ -84,7 +84,7 @@ def check_context_length(num_tokens: int, context_length: int, what: str = "sequ
 
 
 def check_model_config(config: dict) -> None:
-    """Raise a one-line ValueError naming the key for a model config no `TransformerLM` can be built from."""
+    """Raise a one-line ValueError naming the key for a config no `TransformerLM` can be built from, or a NaN/inf float."""
     if not isinstance(config, dict):
         raise ValueError(
             f"a model config is a dict of {', '.join(REQUIRED_MODEL_KEYS)}, ...; got {type(config).__name__}"
