@@ -29,7 +29,8 @@ def _done(records: list[dict], start: int = 0) -> int:
     """Steps completed by what the records say: a train record of step s means s + 1, an eval of step s means s."""
     done = start
     for r in records:
-        done = max(done, r["step"] + 1 if _is_train(r) else r["step"])
+        if r.get("type", "train") in ("train", "eval"):  # other kinds of record carry no step
+            done = max(done, r["step"] + 1 if _is_train(r) else r["step"])
     return done
 
 
