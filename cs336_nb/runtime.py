@@ -360,6 +360,7 @@ _OS_ERROR_FIXES = {
     errno.EMFILE: "too many open files: raise the limit with ulimit -n",
     errno.ENFILE: "too many open files on this system: close some programs",
     errno.EIO: "an input/output error: check the disk or the file system",
+    errno.EFBIG: "the file-size limit is too small for it: raise it (ulimit -f) or write elsewhere",
 }
 _FIXABLE_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 _OUT_OF_MEMORY = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
@@ -412,6 +413,11 @@ def run_cli(prog: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
     """Run `fn(*args, **kwargs)` as the command `prog`: user errors and fixable faults end in one stderr line."""
     if signal.getsignal(signal.SIGINT) is interrupted_while_starting:  # see the start-up chapter
         signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C is a KeyboardInterrupt
+    if hasattr(signal, "SIGXFSZ") and signal.getsignal(signal.SIGXFSZ) is signal.SIG_DFL:
+        try:  # past `ulimit -f` a write then fails with EFBIG, said in one line, instead of killing the process
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        except ValueError:  # not the main thread: signals are not ours to set
+            pass
     try:
         return fn(*args, **kwargs)
     except SystemExit:

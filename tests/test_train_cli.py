@@ -245,9 +245,9 @@ def test_resume_auto_and_pruning(halves):
 
 def _wandb_history(run_dir: Path) -> tuple[dict, list[dict], dict]:
     """The run record, history rows and config of one offline W&B run, read back by W&B's own reader."""
-    proc = subprocess.run(
-        ["wandb", "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True, timeout=120
-    )
+    # W&B's command through this interpreter, not `wandb` on PATH (absent when python is called by its full path)
+    command = [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     run = next(r["run"] for r in records if r["type"] == "run")
@@ -491,7 +491,7 @@ def test_bad_distributed_setup(env, words, work, monkeypatch, capsys):
     "path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json")), ids=lambda p: p.stem
 )
 def test_shipped_configs_are_valid(path):
-    from cs336_nb.train import config_from_dict, load_config_file, validate_config
+    from cs336_nb.config import config_from_dict, load_config_file, validate_config
 
     cfg = config_from_dict(load_config_file(path), source=str(path))
     validate_config(cfg)
