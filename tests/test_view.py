@@ -21,7 +21,7 @@ import pytest
 from conftest import ROOT, TINY_MODEL, TINY_RUN, flags, write_tiny_tokens
 from nbclient import NotebookClient
 
-from cs336_nb.runtime import DirectoryLock
+from cs336_nb.runtime import MALLOC_TUNABLES, DirectoryLock
 from cs336_nb.view import LiveView, watch
 
 EVAL_LINE = re.compile(r"\[EVAL\] iter +(\d+) \| val_loss (\S+) \| val_ppl (\S+)")
@@ -241,7 +241,8 @@ def test_watch_in_a_kernel_keeps_the_final_state(kernel, finished):
 def test_train_in_a_terminal_prints_what_the_cli_prints(data, tmp_path):
     # the same run twice, each from its own folder with a relative run directory, so that the paths printed agree
     argv = flags(**{**settings(data, "run", max_iters=6), "checkpoint_dir": "run"})
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    # both under the malloc settings the CLI relaunches itself with, so that it runs as it is, without a relaunch
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "GLIBC_TUNABLES": MALLOC_TUNABLES}
     procs = []
     for folder, command in (("cli", ["-m", "cs336_nb.train"]), ("view", ["-c", VIEW_MAIN])):
         (tmp_path / folder).mkdir()
