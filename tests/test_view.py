@@ -52,6 +52,16 @@ def log_lines(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if line.startswith(("iter ", "[EVAL]"))]
 
 
+def watch_until(deadline: float, *args, **kwargs) -> dict:
+    """`watch(*args, **kwargs)` in a thread; fails, instead of hanging, if it has not returned within `deadline` s."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(ended=watch(*args, **kwargs)), daemon=True)
+    thread.start()
+    thread.join(deadline)
+    assert not thread.is_alive(), f"watch did not return within {deadline} s"
+    return result["ended"]
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("view")
@@ -69,7 +79,7 @@ def finished(data) -> tuple[Path, str]:
 
 
 def test_watch_follows_a_cli_run_as_it_writes_and_returns_when_it_ends(data, capsys, monkeypatch):
-    seen = []  # (time, record) as the view receives them
+    seen = []  # per record the view receives: (when, the run's exit status then: None while it runs)
 
     def record(self, record):
         seen.append((time.monotonic(), proc.poll()))
@@ -78,16 +88,13 @@ def test_watch_follows_a_cli_run_as_it_writes_and_returns_when_it_ends(data, cap
     real_record = LiveView.record
     monkeypatch.setattr(LiveView, "record", record)
     proc = start_cli(data, "followed", max_iters=300, log_interval=5, eval_interval=100, checkpoint_interval=150)
-    ended = watch(data / "followed", poll=0.1, notebook=False)  # started before the run claims its directory
-    returned = time.monotonic()
+    ended = watch_until(120, data / "followed", poll=0.1, notebook=False)  # before the run claims its directory
+    released = (data / "followed" / ".lock").read_text()  # read at once: the run had ended when watch returned
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    assert ended == {"followed": "finished"}
+    assert ended == {"followed": "finished"} and released == ""
     # the view got the records while the run was still training, not all at the end
     assert seen and seen[0][1] is None, "the first record arrived after the run had exited"
-    # it returned because the run ended: the lock is released and every record is in
-    assert (data / "followed" / ".lock").read_text() == ""
-    assert time.monotonic() - returned < 30
     # in a terminal, watch prints the run's own log lines, exactly and in order, then how it ended
     printed = capsys.readouterr().out.splitlines()
     assert printed[:-1] == log_lines(out)
@@ -104,7 +111,7 @@ def test_watch_says_a_killed_run_stopped(data, capsys):
         while not (metrics.is_file() and metrics.read_text().count("\n") >= 3) and time.monotonic() < deadline:
             time.sleep(0.1)
         proc.send_signal(signal.SIGKILL)  # no clean release: the lock file still names the dead process
-        ended = watch(data / "killed", poll=0.1, notebook=False)
+        ended = watch_until(60, data / "killed", poll=0.1, notebook=False)
     finally:
         proc.kill()
         proc.wait()
@@ -141,7 +148,7 @@ def test_watch_reads_a_torn_line_once_whole(tmp_path, capsys):
     writer = threading.Thread(target=write)
     writer.start()
     holding.wait(10)
-    ended = watch(run, poll=0.05, notebook=False)
+    ended = watch_until(60, run, poll=0.05, notebook=False)
     writer.join()
     assert ended == {"torn": "finished"}
     assert capsys.readouterr().out.splitlines() == [
@@ -156,6 +163,24 @@ def test_watch_waits_for_a_run_then_gives_up(tmp_path, capsys):
     began = time.monotonic()
     assert watch(tmp_path / "never", poll=0.05, wait=0.5, notebook=False) == {"never": "not running"}
     assert 0.5 <= time.monotonic() - began < 10
+
+
+def test_an_interrupted_watch_leaves_the_run_alone(tmp_path, capsys):
+    # a run that goes on (its lock held by this process) and a cell interrupted after a second
+    run = tmp_path / "going_on"
+    with DirectoryLock(run, owner="train"):
+        (run / "config.json").write_text(json.dumps({"max_iters": 100}))
+        (run / "metrics.jsonl").write_text(json.dumps({"type": "train", "step": 4, "time_s": 1.0, "loss": 3.0}) + "\n")
+        timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))  # what Jupyter's interrupt sends
+        timer.start()
+        ended = watch(run, poll=0.05, notebook=False)
+        timer.join()
+        assert (run / ".lock").read_text() != ""  # still held: watching never touches the run
+    assert ended == {"going_on": "watched"}
+    assert capsys.readouterr().out.splitlines() == [
+        "iter      4 | loss 3.0000",
+        "stopped watching; the runs go on: going_on: running at step 5/100",
+    ]
 
 
 def test_view_of_a_finished_run_matches_its_records(finished):
