@@ -10,6 +10,7 @@ __all__ = ['train', 'batch_generator', 'micro_batches', 'train_step', 'estimate_
 # %% ../nbs/12_train.ipynb #8e650a5a
 import math
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -53,43 +54,19 @@ def train(
     start = run.restore(model, optimizer)  # a resumed run's weights, optimiser and random state; else 0
     summary = {"iteration": start, "val_loss": None, "interrupted": None}
     if start >= cfg.max_iters:  # checked before claiming the directory: nothing changes
-        run.print(
-            f"Nothing to train: the run is at iteration {start} >= max_iters {cfg.max_iters} (raise --max-iters to continue)"
-        )
+        run.print(f"Nothing to train: the run is at iteration {start} >= max_iters {cfg.max_iters} (raise --max-iters)")
         return summary
     step_model, eval_model, group = parallelize(cfg, ctx, device, model, run)
-    evaluate = partial(
-        estimate_loss,
-        eval_model,
-        val_data,
-        cfg.batch_size,
-        cfg.context_length,
-        cfg.eval_iters,
-        cfg.seed,
-        device,
-        amp_dtype,
-        ctx,
-    )
-    check_weights = partial(
-        why_not_trainable, eval_model, val_data, cfg.batch_size, cfg.context_length, cfg.seed, device, amp_dtype
-    )
+    B, T = cfg.batch_size, cfg.context_length
+    evaluate = partial(estimate_loss, eval_model, val_data, B, T, cfg.eval_iters, cfg.seed, device, amp_dtype, ctx)
+    check_weights = partial(why_not_trainable, eval_model, val_data, B, T, cfg.seed, device, amp_dtype)
     max_iters, cycle = cfg.max_iters, cfg.cosine_cycle_iters or cfg.max_iters
     budget = TimeBudget(cfg, start) if cfg.max_time is not None and cfg.cosine_cycle_iters is None else None
     with run:
         run.claim(start, group, max_iters)
         for it in range(start, cfg.max_iters):
             lr = lr_cosine_schedule(it, cfg.max_lr, cfg.min_lr, cfg.warmup_iters, cycle)
-            batches = micro_batches(
-                train_data,
-                cfg.batch_size,
-                cfg.context_length,
-                cfg.seed,
-                it,
-                cfg.grad_accum_steps,
-                device,
-                ctx.rank,
-                ctx.world_size,
-            )
+            batches = micro_batches(train_data, B, T, cfg.seed, it, cfg.grad_accum_steps, device, ctx)
             loss, grad_norm = train_step(step_model, optimizer, batches, lr, cfg.grad_clip or math.inf, amp_dtype)
             done = it + 1  # steps completed: the model is now "iter done"
             if budget is not None and (fitted := budget.fit(done, run)) is not None:
@@ -105,10 +82,10 @@ def train(
             if end or stop is not None:
                 break
         if stop == "time":
-            run.print(f"Time budget of {cfg.max_time:,.0f} s spent at iteration {done}")
+            run.print(f"Time budget of {cfg.max_time:g} s spent at iteration {done}")
         elif stop is not None:
             run.print(f"Stopped by {stop} at iteration {done}: continue with --resume auto")
-            summary["interrupted"] = run.stop_flag.signum
+            summary["interrupted"] = int(signal.Signals[stop])
     return summary
 
 # %% ../nbs/12_train.ipynb #1d90bb59
@@ -126,13 +103,14 @@ def micro_batches(
     step: int,
     accum_steps: int,
     device: str | torch.device,
-    rank: int = 0,
-    world_size: int = 1,
+    ctx: DistributedContext | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
     """This process's share of step `step`: `accum_steps / world_size` micro-batches `(x, y)`, each (batch_size, context_length)."""
-    per_rank = accum_steps // world_size
+    ctx = ctx or DistributedContext()
+    per_rank = accum_steps // ctx.world_size
+    first = ctx.rank * per_rank  # process r takes micro-batches r*K/W .. (r+1)*K/W - 1
     return [
-        get_batch(data, batch_size, context_length, device, generator=batch_generator(seed, step, rank * per_rank + k))
+        get_batch(data, batch_size, context_length, device, generator=batch_generator(seed, step, first + k))
         for k in range(per_rank)
     ]
 
@@ -350,7 +328,7 @@ class TimeBudget:
         end = min(c.max_iters, done + max(0, math.floor((c.max_time - now) / (seconds * (1 + share)))))
         run.config.update(max_iters=end, cosine_cycle_iters=end)  # saved with every checkpoint: a resume keeps it
         run.print(
-            f"Time budget: {c.max_time:,.0f} s at {seconds * 1000:.1f} ms/step: the run and its cosine end at iteration {end:,}"
+            f"Time budget: {c.max_time:g} s at {seconds * 1000:.1f} ms/step: the run and its cosine end at iteration {end:,}"
         )
         return end
 

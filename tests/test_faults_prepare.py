@@ -1,7 +1,10 @@
 """A hostile user against `python -m cs336_nb.prepare`: every attack ends in exit 2 and one stderr line naming
 the problem (or works), nothing an earlier run wrote is lost, and nothing hangs (every subprocess has a timeout).
 
-- `test_attack`: a table of bad inputs, flags and files, aimed at a folder that already holds a dataset;
+- `test_attack`: a table of bad inputs, flags and files, aimed at a folder that already holds a dataset, run
+  from an empty working directory that must stay empty;
+- `test_vocab_larger_than_the_text`, `test_copy_as_validation_text`: what prepare made is what it records and
+  says (the vocabulary, the dtype), and a validation text that is a copy of the training text gets a warning;
 - `test_read_only_folder`, `test_full_disk`: a read-only and a full file system (small tmpfs mounts when the
   tests run as root, else a chmod 555 folder and a skip);
 - `test_ctrl_c`: SIGINT to the process group during BPE training;
@@ -95,6 +98,10 @@ def world(tmp_path_factory):
         (root / "broken_tok" / f).write_text("][")
     en = (DATA / "corpus.en").read_text(encoding="utf-8")
     (root / "big.txt").write_text(en * 38, encoding="utf-8")  # 5 MB, no special token: BPE counts in parallel
+    (root / "story_link.txt").symlink_to(STORY)  # the training text under another name
+    (root / "story_copy.txt").write_bytes(STORY.read_bytes())
+    os.link(root / "story_copy.txt", root / "story_hard_link.txt")  # one file, two names
+    (root / "cwd").mkdir()  # the table runs here: nothing may be written into the working directory
     return root
 
 
@@ -119,15 +126,38 @@ ATTACKS = [
     ("blank_tail", ["--train-text", "{root}/blank_tail.txt", "--out-dir", "{good}"], "its last part is blank"),
     ("file_as_out_dir", ["--train-text", STORY, "--out-dir", "{root}/a_file"], "is a file, not a folder"),
     ("no_source", ["--out-dir", "{good}"], "one of the arguments --train-text --corpus is required"),
+    # absurd vocabulary sizes are refused before anything is read (ids are stored as uint32 at most)
+    ("vocab_2_to_the_40", ["--vocab-size", 2**40, "--name", "huge"], "--vocab-size 1,099,511,627,776 is too large"),
+    (
+        "vocab_just_over_uint32",
+        ["--vocab-size", 2**32 + 1, "--name", "huge"],
+        "--vocab-size 4,294,967,297 is too large",
+    ),
+    ("vocab_zero", ["--vocab-size", 0], "argument --vocab-size: not a positive integer"),
+    ("vocab_not_an_integer", ["--vocab-size", "1e5"], "argument --vocab-size: not a positive integer"),
+    # the training text as validation text, under its own name, a symbolic link or a hard link
+    ("val_text_is_train_text", ["--val-text", STORY, "--name", "same"], "is the training text"),
+    ("val_text_symlink_to_train", ["--val-text", "{root}/story_link.txt", "--name", "same"], "is the training text"),
+    (
+        "val_text_hard_link_to_train",
+        ["--train-text", "{root}/story_copy.txt", "--val-text", "{root}/story_hard_link.txt", "--out-dir", "{good}"],
+        "is the training text",
+    ),
+    # empty names must not mean the working directory
+    ("empty_out_dir", ["--train-text", STORY, "--out-dir", ""], '--out-dir "" names no folder'),
+    ("empty_name", ["--name", ""], "--name '' must be a plain file name"),
+    ("empty_train_text", ["--train-text", "", "--out-dir", "{good}"], 'training text "" names no file'),
+    ("empty_val_text", ["--val-text", "", "--name", "ev"], 'validation text "" names no file'),
+    ("empty_tokenizer_dir", ["--tokenizer-dir", "", "--name", "et"], "--tokenizer-dir '' is not a folder"),
 ]
 
 
 def test_attack_table_is_big_enough():
-    assert len({a[0] for a in ATTACKS}) == len(ATTACKS) >= 12
+    assert len({a[0] for a in ATTACKS}) == len(ATTACKS) >= 30
 
 
 # Runs each row as `python -m cs336_nb.prepare` does (runpy, `__name__ == "__main__"`), all rows in one fresh
-# interpreter, so the table pays the start-up (torch's import) once; the tests below use real separate processes.
+# interpreter, so the table pays the start-up once; the tests below use real separate processes.
 TABLE_DRIVER = """
 import contextlib, io, json, runpy, sys
 results = []
@@ -143,11 +173,11 @@ print(json.dumps(results))
 """
 
 
-def run_table(rows: list[list[str]]) -> list[subprocess.CompletedProcess]:
+def run_table(rows: list[list[str]], cwd: Path = ROOT) -> list[subprocess.CompletedProcess]:
     r = subprocess.run(
         [sys.executable, "-c", TABLE_DRIVER],
         input=json.dumps(rows),
-        cwd=ROOT,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=120,
@@ -165,16 +195,42 @@ def test_attack(world):
         if "--out-dir" not in args:
             args = ["--train-text", str(STORY), "--out-dir", str(good), *args]
         rows.append(args + ["--no-progress"] * ("--out-dir" in args and "--train-text" in args))
-    for (name, _, message), r in zip(ATTACKS, run_table(rows)):
+    for (name, _, message), r in zip(ATTACKS, run_table(rows, cwd=world / "cwd")):
         try:
             one_error_line(r, message)
         except AssertionError as e:
             raise AssertionError(f"attack {name} ({' '.join(r.args)}): {e}") from None
     assert snapshot(good) == before  # nothing the earlier run wrote changed, and nothing new but lock files
+    assert list((world / "cwd").iterdir()) == []  # nothing was written into the working directory
     assert not list(world.rglob("*escaped*")) and not Path(f"{world}/abs_escaped_meta.json").exists()
     # the dataset under attack is still whole: the same command, a real process, verifies it and does nothing
     r = run("--train-text", STORY, "--out-dir", good, "--name", "good", "--vocab-size", 270, "--val-fraction", 0.2)
     assert r.returncode == 0 and "nothing to do" in r.stdout and r.stderr == "", r.stdout + r.stderr
+
+
+def test_vocab_larger_than_the_text(world):
+    # asked 65,537 of a few kB of stories: BPE runs out of pairs, and prepare records and says what it made
+    out = world / "wide_ask"
+    r = run("--train-text", STORY, "--out-dir", out, "--name", "w", "--vocab-size", 65537, "--no-progress", timeout=120)
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-2000:]
+    made = len(json.loads((out / "w_tokenizer" / "vocab.json").read_text(encoding="utf-8")))  # the saved tokenizer
+    meta = json.loads((out / "w_meta.json").read_text())
+    assert made < 65536 and (meta["vocab_size"], meta["dtype"]) == (made, "uint16"), (made, meta["vocab_size"])
+    assert meta["settings"]["vocab_size"] == 65537  # what was asked identifies the dataset
+    assert np.load(out / "w_train.uint16.npy").max() < made and not list(out.glob("*.uint32.npy"))
+    assert f"(uint16, vocab {made:,} of the 65,537 asked)" in r.stdout.splitlines()[-1], r.stdout
+    assert f"vocab {made:,} of the 65,537 asked: the text has no pair left to merge" in r.stdout, r.stdout
+
+
+def test_copy_as_validation_text(world):
+    # a byte-for-byte copy is another file: allowed, with one warning on stderr
+    out = world / "copy_val"
+    r = run("--train-text", STORY, "--val-text", world / "story_copy.txt", "--out-dir", out, "--vocab-size", 270)
+    assert r.returncode == 0, r.stderr[-2000:]
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("prepare: warning:")]
+    assert len(warnings) == 1 and "is a copy of the training text" in warnings[0], r.stderr
+    train, val = (np.load(out / f"tinystories_sample_{s}.uint16.npy") for s in ("train", "val"))
+    assert train.tolist() == val.tolist()
 
 
 def mount_tmpfs(folder: Path, options: str) -> None:

@@ -169,6 +169,15 @@ BAD_DATA = {
     "file as checkpoint dir": (dict(checkpoint_dir="{work}/a_file"), "a_file"),
     "file as parent of checkpoint dir": (dict(checkpoint_dir="{work}/a_file/run"), "a_file"),
     "zero threads": (dict(threads=0), "threads"),
+    "empty checkpoint dir": (dict(checkpoint_dir=""), "checkpoint_dir is empty"),
+    "a billion sequences a batch": (dict(batch_size=1_000_000_000), "--batch-size"),
+    "a model 4 million wide": (dict(d_model=4194304), "GiB"),
+    "a vocabulary of 10**12": (dict(vocab_size=10**12), "parameters"),
+    "infinite eps": (dict(eps="inf"), "eps must be a finite number"),
+    "Infinity rope_theta": (dict(rope_theta="Infinity"), "rope_theta must be a finite number"),
+    "a duration that is not one": (dict(max_time="soon"), "not a duration"),
+    "no time at all": (dict(max_time="0"), "max_time must be positive"),
+    "tokens and max_iters both": (dict(tokens=1000), "not both"),
 }
 
 

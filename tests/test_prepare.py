@@ -166,3 +166,58 @@ def test_outputs_equal_for_any_number_of_workers(five_mb, text, capsys, alarm):
     tok = Tokenizer.from_dir(meta["tokenizer_dir"])
     val = np.load(meta["val_path"])
     assert tok.decode(val) == paths[text].read_bytes()[cut:].decode("utf-8")
+
+
+def test_starts_without_torch(tmp_path):
+    # the import-time trace of `--help` names no torch module, and a whole run in a fresh interpreter loads none
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "cs336_nb.prepare", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0 and "--vocab-size" in r.stdout, r.stderr[-2000:]
+    imported = [line.rpartition("|")[2].strip() for line in r.stderr.splitlines() if line.startswith("import time:")]
+    assert {"cs336_nb.runtime", "cs336_nb.tokenizer", "numpy"} <= set(imported)  # the trace lists what was imported
+    assert not [m for m in imported if m == "torch" or m.startswith("torch.")], "prepare --help imported torch"
+    probe = (
+        "import sys\n"
+        "import cs336_nb.prepare\n"
+        "assert 'torch' not in sys.modules, 'importing cs336_nb.prepare imported torch'\n"
+        "cs336_nb.prepare.main(sys.argv[1:])\n"
+        "assert 'torch' not in sys.modules, 'running prepare imported torch'\n"
+    )
+    args = ["--train-text", STORY, "--out-dir", tmp_path, "--vocab-size", 270, "--val-fraction", 0.2, "--threads", 1]
+    r = subprocess.run(
+        [sys.executable, "-c", probe, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "tinystories_sample_train.uint16.npy").is_file()
+
+
+def test_progress_in_a_jupyter_kernel(tmp_path):
+    # a notebook cell running prepare shows its progress bars, whether or not ipywidgets is installed
+    import importlib.util
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    cell = (
+        "from cs336_nb.prepare import prepare\n"
+        f"meta = prepare({str(STORY)!r}, out_dir={str(tmp_path / 'out')!r}, vocab_size=270, val_fraction=0.2, "
+        "num_processes=1)\n"
+        "print(meta['train_tokens'], meta['val_tokens'])"
+    )
+    book = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell)])
+    NotebookClient(book, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = book.cells[0].outputs
+    text = {name: "".join(o.get("text", "") for o in outputs if o.get("name") == name) for name in ("stdout", "stderr")}
+    everything = json.dumps(outputs)
+    assert "IProgress" not in everything and not [o for o in outputs if o.output_type == "error"], everything[-3000:]
+    meta = json.loads((tmp_path / "out" / "tinystories_sample_meta.json").read_text())
+    assert text["stdout"].splitlines()[-1] == f"{meta['train_tokens']} {meta['val_tokens']}"  # the cell ran to the end
+    if importlib.util.find_spec("ipywidgets") is None:  # the text bar, in the cell's stderr, for each split
+        assert "encode train: 100%" in text["stderr"] and "encode val: 100%" in text["stderr"], text["stderr"][-2000:]
+    else:  # the widget bar
+        assert "application/vnd.jupyter.widget-view+json" in everything, everything[-3000:]

@@ -293,8 +293,10 @@ def test_wandb_offline_metrics(halves):
 # --- faults ---------------------------------------------------------------------------------------
 
 
-def test_sigterm_saves_and_exits(work):
-    out = work / "sigterm"
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_sigterm_saves_and_exits(work, sig):
+    """SIGTERM (a scheduler) and SIGHUP (the terminal went away) finish the step, save and exit 128 + signal."""
+    out = work / sig.name.lower()
     args = flags(
         train_data=work / "train.npy",
         val_data=work / "val.npy",
@@ -318,20 +320,20 @@ def test_sigterm_saves_and_exits(work):
             seen.append(line)
             if line.startswith("iter      3 ") or time.time() > deadline:
                 break
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         rest, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     stdout = "".join(seen) + rest
-    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, stdout[-2000:], err[-2000:])
+    assert proc.returncode == 128 + sig, (proc.returncode, stdout[-2000:], err[-2000:])
     assert "Traceback" not in err
     saved = sorted(out.glob("checkpoint_*.pt"))
     assert len(saved) == 1
     step = load(saved[0])["iteration"]
     assert step >= 4 and saved[0].name == f"checkpoint_{step}.pt"
     assert f"[CHECKPOINT] Saved to {saved[0]}" in stdout
-    assert f"Stopped by SIGTERM at iteration {step}: continue with --resume auto" in stdout
+    assert f"Stopped by {sig.name} at iteration {step}: continue with --resume auto" in stdout
     assert max(train_losses(out)) == step - 1  # the last step was logged too
 
 
