@@ -304,8 +304,10 @@ class _Tail:
         return restarted, [r for r in records if r is not None]
 
 # %% ../nbs/15_view.ipynb #8391134d
-def _holder_alive(run_dir: Path) -> bool:
-    """Whether a live process holds the run directory's lock (`.lock` names it; a clean release empties it)."""
+def _holder_alive(run_dir: Path) -> bool | None:
+    """Whether a live process holds the run directory's lock (`.lock` names it; a clean release empties it).
+
+    None: the holder runs on another machine, which cannot be asked."""
     try:
         text = (run_dir / ".lock").read_text(encoding="utf-8", errors="replace").strip()
     except OSError:
@@ -318,7 +320,7 @@ def _holder_alive(run_dir: Path) -> bool:
     except (ValueError, TypeError, KeyError):
         return True  # a holder being written, or one we cannot read: the run goes on
     if holder.get("host") != socket.gethostname():
-        return True  # another machine's process cannot be asked
+        return None
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
@@ -348,8 +350,7 @@ class _Run:
 
     def poll(self, waited_out: bool) -> tuple[bool, list[dict]]:
         """Read what is new: (restarted, new records); sets `state` once the run has ended."""
-        live = _holder_alive(self.path)  # before the records: a run writes its last line, then releases
-        self.seen_live |= live
+        holder = _holder_alive(self.path)  # before the records: a run writes its last line, then releases
         self.config = _read_json(self.path / "config.json") or self.config
         restarted, new = self.tail.read()
         if restarted:
@@ -357,6 +358,8 @@ class _Run:
         self.records += new
         total = self.config.get("max_iters")
         finished = total is not None and _done(self.records) >= total
+        live = holder is True or (holder is None and not finished)  # another machine's run: its last step ends it
+        self.seen_live |= live
         if not live and (self.seen_live or finished or waited_out):
             self.state = "finished" if finished else "stopped" if self.records else "not running"
         return restarted, new
