@@ -203,11 +203,9 @@ class LiveView:
     def close(self, error: str | None = None) -> None:
         """The final state: the bar where the run stopped, every evaluation and the curves, or the error."""
         self.error, self.closed = error, True
-        if self.notebook:
+        if self.notebook:  # a terminal has the trainer's own error line already
             self._draw()
             self._show()
-        elif error is not None:
-            print(f"error: {error}", file=sys.stderr, flush=True)
 
     def panel(self) -> _Rich:
         """The name and bar, the folded settings, the evaluations and the notes: HTML, with a text version."""

@@ -6,6 +6,7 @@ What the view shows is checked against the run's own records: the lines of its s
 metrics.jsonl, read here independently of the view's code.
 """
 
+import html
 import json
 import os
 import re
@@ -223,11 +224,14 @@ def kernel(data, finished):
     """One kernel session: a run trained in-process with `train`, then `watch` of a finished CLI run and of both."""
     run_dir, _ = finished
     tiny = {k: str(v) for k, v in settings(data, "in_kernel", max_iters=8).items()}
+    # a learning rate that makes the loss overflow in a few steps: the run stops with an error
+    exploding = {k: str(v) for k, v in settings(data, "exploding", max_iters=8, max_lr=1e12, grad_clip=0).items()}
     cells = [
         "from cs336_nb.view import train, watch",
         f"summary = train({tiny!r})",
         f"watch({str(run_dir)!r}, poll=0.1)",
         f"watch([{str(run_dir)!r}, {str(data / 'in_kernel')!r}], poll=0.1)",
+        f"train({exploding!r})",
     ]
     return run_in_kernel(cells, data)
 
@@ -258,6 +262,18 @@ def test_watch_in_a_kernel_keeps_the_final_state(kernel, finished):
     htmls, pngs = outputs(kernel.cells[3])
     assert len(htmls) == 1 and len(pngs) == 1
     assert htmls[0].count("<tr>") == 3 and htmls[0].count("<td>finished</td></tr>") == 2, htmls[0]
+
+
+def test_a_failed_run_in_a_kernel_shows_its_error(kernel):
+    cell = kernel.cells[4]
+    htmls = [o.data["text/html"] for o in cell.outputs if "text/html" in o.get("data", {})]
+    stderr = "".join(o.text for o in cell.outputs if o.output_type == "stream" and o.name == "stderr")
+    errors = [o for o in cell.outputs if o.output_type == "error"]
+    assert stderr.startswith("train: error: ") and len(stderr.strip().splitlines()) == 1, stderr  # the CLI's line
+    assert errors, "the cell must fail, so that Run All stops there"
+    message = stderr.removeprefix("train: error: ").strip()
+    assert len(htmls) == 1 and "background:#c9302c" in htmls[0], htmls  # the bar turned red
+    assert f"<b>error:</b> {html.escape(message)}</div>" in htmls[0], (message, htmls[0][-600:])
 
 
 # ---- in a terminal
