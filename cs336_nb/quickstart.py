@@ -131,7 +131,7 @@ def quickstart(
     steps = summary.get("iteration", "?") if isinstance(summary, dict) else "?"
     print(
         f"== done in {time.perf_counter() - t0:.0f} s: {steps} steps, run in {run_dir}; "
-        f"curves: python -m cs336_nb.plot {run_dir} --smooth 0.9 (writes {run_dir / 'curves.png'})",
+        f"curves: python -m cs336_nb.plot {run_dir} --smooth 0.3 (writes {run_dir / 'curves.png'})",
         flush=True,
     )
     return text

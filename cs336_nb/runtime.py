@@ -474,7 +474,7 @@ def _error_exit(prog: str, message: str, code: int = 2):
     if sys.stderr is not None:  # None when started with stderr closed: the exit status still tells
         sys.stderr.write(f"{prog}: {message}\n")
         sys.stderr.flush()
-    raise SystemExit(code)
+    raise SystemExit(code) from None  # no chained exception: IPython's traceback printer trips over one
 
 
 def _silence_stdout() -> None:
