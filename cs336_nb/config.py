@@ -231,6 +231,8 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
         cfg.checkpoint_dir.strip() != "",
         "checkpoint_dir is empty: name a folder, e.g. --checkpoint-dir checkpoints/run1",
     )
+    for key in ("init_from", "tokenizer_dir", "resume"):  # an empty path would mean the working directory
+        need(getattr(cfg, key) is None or getattr(cfg, key).strip() != "", f"{key} is empty: name it, or leave it out")
     need(
         cfg.grad_accum_steps % world_size == 0,
         f"grad_accum_steps {cfg.grad_accum_steps} is not divisible by the world size {world_size}: each process runs "

@@ -5,24 +5,33 @@
 # %% ../nbs/19_evaluate.ipynb #a21dfe8e
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import stat
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from .data import load_dataset
 from .model import TransformerLM
-from .runtime import atomic_write_json, checkpoint_parser, load_model, run_cli, run_tokenizer_dir, set_threads
+from cs336_nb.runtime import (
+    atomic_write_json,
+    checkpoint_parser,
+    load_model,
+    progress_bar,
+    run_cli,
+    run_tokenizer_dir,
+    set_threads,
+)
 from .tokenizer import Tokenizer
 
 # %% auto #0
-__all__ = ['sliding_windows', 'sequence_nll', 'token_bytes', 'evaluate_ids', 'encode_text', 'evaluate', 'main']
+__all__ = ['sliding_windows', 'window_length', 'sequence_nll', 'token_bytes', 'evaluate_ids', 'encode_text', 'evaluate', 'main']
 
 # %% ../nbs/19_evaluate.ipynb #09d2ce9e
 def sliding_windows(num_tokens: int, context_length: int, stride: int | None = None) -> list[tuple[int, int, int]]:
@@ -40,6 +49,21 @@ def sliding_windows(num_tokens: int, context_length: int, stride: int | None = N
         begin += stride
     return windows
 
+# %% ../nbs/19_evaluate.ipynb #eec25d46
+def window_length(model: TransformerLM, context_length: int | None = None) -> int:
+    """The evaluation window: `context_length` if the model allows it (1 to its own context_length); None: its own."""
+    trained = model.context_length
+    if context_length is None:
+        return trained
+    if context_length < 1:
+        raise ValueError(f"--context-length must be at least 1, got {context_length} (leave it out for {trained})")
+    if context_length > trained:
+        raise ValueError(
+            f"--context-length {context_length} is longer than the model's context_length {trained}: its rotary "
+            f"tables stop at position {trained - 1} and training never showed it a later one (pass at most {trained})"
+        )
+    return context_length
+
 # %% ../nbs/19_evaluate.ipynb #f16ca81f
 @torch.no_grad()
 def sequence_nll(
@@ -48,13 +72,14 @@ def sequence_nll(
     stride: int | None = None,  # None: context_length (windows do not overlap)
     batch_size: int = 8,  # windows per forward pass
     progress: bool = False,  # a tqdm bar on stderr
+    context_length: int | None = None,  # window length; None: the model's (see `window_length`)
 ) -> tuple[float, int]:
     """(summed negative log-likelihood in nats, number of scored targets) of ids[1:], by sliding windows."""
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
     device = next(model.parameters()).device
-    windows = sliding_windows(len(ids), model.context_length, stride)
+    windows = sliding_windows(len(ids), window_length(model, context_length), stride)
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    bar = tqdm(total=len(windows), desc="evaluate", unit="window", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=len(windows), desc="evaluate", unit="window", disable=not progress)
     for i in range(0, len(windows), batch_size):
         group = windows[i : i + batch_size]
         for length in sorted({end - begin for begin, end, _ in group}, reverse=True):  # the last window may be short
@@ -88,6 +113,7 @@ def evaluate_ids(
     stride: int | None = None,
     batch_size: int = 8,
     progress: bool = False,
+    context_length: int | None = None,  # window length; None: the model's
 ) -> dict:
     """Mean loss (nats/token), perplexity and bits per byte of ids[1:] under `model`."""
     if len(ids) and int(np.max(ids)) >= model.vocab_size:
@@ -98,7 +124,8 @@ def evaluate_ids(
     lengths = token_bytes(tokenizer)
     if len(ids) and int(np.max(ids)) >= len(lengths):
         raise ValueError(f"token id {int(np.max(ids))} is not in the tokenizer (pass the run's with --tokenizer DIR)")
-    total, count = sequence_nll(model, ids, stride, batch_size, progress)
+    length = window_length(model, context_length)
+    total, count = sequence_nll(model, ids, stride, batch_size, progress, length)
     num_bytes = int(lengths[np.asarray(ids[1:], dtype=np.int64)].sum())
     loss = total / count
     return {
@@ -107,8 +134,8 @@ def evaluate_ids(
         "bits_per_byte": total / math.log(2) / num_bytes,
         "tokens": count,
         "bytes": num_bytes,
-        "context_length": model.context_length,
-        "stride": model.context_length if stride is None else stride,
+        "context_length": length,
+        "stride": length if stride is None else stride,
     }
 
 
@@ -128,6 +155,8 @@ def evaluate(
     max_tokens: int | None = None,
     device: str = "auto",
     progress: bool = False,
+    context_length: int | None = None,  # window length; None: the model's
+    out: str | os.PathLike | bool = False,  # also write the result: True = the default name, a path = that file
 ) -> dict:
     """Loss, perplexity and bits per byte of a checkpoint (or a run's newest) on a text file or a token file."""
     if (text is None) == (data is None):
@@ -136,37 +165,172 @@ def evaluate(
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     if max_tokens is not None and max_tokens < 2:
         raise ValueError(f"--max-tokens must be at least 2, got {max_tokens}")
+    if not os.fspath(src):
+        raise ValueError("the checkpoint argument is empty (pass a run directory or a checkpoint file)")
+    if tokenizer_dir is not None and not os.fspath(tokenizer_dir):
+        raise ValueError("--tokenizer is empty (pass the tokenizer's folder, or leave it out for the run's own)")
+    source = _input_file(text if text is not None else data, "--text" if text is not None else "--data")
+    if not isinstance(out, bool):
+        out = _check_out(out)  # before any work: a refused --out costs nothing
     model, checkpoint, path = load_model(src, device)
+    length = window_length(model, context_length)
+    if stride is not None and not 1 <= stride <= length:
+        raise ValueError(f"--stride must be in [1, context_length={length}], got {stride}")
+    _check_batch_size(model, batch_size, length)
     set_threads(None, sum(p.numel() for p in model.parameters()))
-    tokenizer = Tokenizer.from_dir(run_tokenizer_dir(src, tokenizer_dir))
-    if text is not None:
-        raw = Path(text).read_bytes()
-        try:
-            ids = encode_text(tokenizer, raw.decode("utf-8"))
-        except UnicodeDecodeError as error:
-            raise ValueError(
-                f"{text} is not UTF-8 text (byte {error.start}): pass a text file, or tokens with --data"
-            ) from None
-    else:
-        ids = load_dataset(data, model.vocab_size)
+    tokenizer_path = run_tokenizer_dir(src, tokenizer_dir)
+    tokenizer = Tokenizer.from_dir(tokenizer_path)
+    ids = _read_text(source, tokenizer) if text is not None else _read_tokens(source, model.vocab_size)
     ids = ids[:max_tokens] if max_tokens is not None else ids
-    result = evaluate_ids(model, ids, tokenizer, stride, batch_size, progress)
-    return {
+    kind = "text" if text is not None else "data"
+    settings = [kind, length, stride, max_tokens, str(path.resolve()), str(tokenizer_path.resolve())]
+    header = {
         "checkpoint": str(path),
         "iteration": checkpoint.get("iteration"),
-        "input": str(text if text is not None else data),
-        "kind": "text" if text is not None else "data",
-        **result,
+        "input": str(source),
+        "kind": kind,
+        "fingerprint": _fingerprint(source, settings),
     }
+    if out is True:
+        out = _check_out(_default_out(header))
+    result = {**header, **evaluate_ids(model, ids, tokenizer, stride, batch_size, progress, length)}
+    if out is not False:
+        atomic_write_json(out, result)  # a temporary file, then a rename
+    return result
+
+# %% ../nbs/19_evaluate.ipynb #92df7b2a
+def _input_file(path: str | os.PathLike, flag: str) -> Path:
+    """`path` if it is a regular file; a folder, a FIFO (blocks) or a device (never ends) is a one-line error."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode  # follows symbolic links, and opens nothing: a FIFO cannot block here
+    except FileNotFoundError:
+        raise ValueError(f"{flag} {path}: no such file (check the path)") from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{flag} {path} is a folder (pass a file)")
+    if not stat.S_ISREG(mode):
+        raise ValueError(
+            f"{flag} {path} is not a regular file: a pipe or device would block or never end (pass a file)"
+        )
+    return path
 
 
-def _default_out(result: dict) -> Path:
-    """`<run dir>/eval_<input name>_<iteration>.json`."""
-    run_dir = Path(result["checkpoint"]).parent
-    name = Path(result["input"]).name.removesuffix(".npy")
-    return run_dir / f"eval_{name}_{result['iteration']}.json"
+def _read_text(path: Path, tokenizer: Tokenizer) -> np.ndarray:
+    """The ids to score for a UTF-8 text file (see `encode_text`)."""
+    try:
+        return encode_text(tokenizer, path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {error.start}): pass a text file, or tokens with --data"
+        ) from None
 
 
+def _sidecar_dtype(path: Path) -> np.dtype:
+    """The integer dtype that a raw token file's JSON sidecar names (`<file>.json`, else `<stem>.json`)."""
+    sidecars = [s for s in (path.with_name(path.name + ".json"), path.with_suffix(".json")) if s != path]
+    sidecar = next((s for s in sidecars if s.is_file()), None)
+    if sidecar is None:
+        raise ValueError(
+            f"{path} is neither a .npy token array nor raw tokens with a dtype sidecar (for a text file use "
+            f'--text {path}; for raw uint16 tokens write {path.name}.json holding {{"dtype": "uint16"}})'
+        )
+    try:
+        dtype = np.dtype(json.loads(sidecar.read_text(encoding="utf-8"))["dtype"])
+    except (ValueError, TypeError, KeyError, IndexError, OSError):  # torn, not an object, no key, no dtype
+        dtype = None
+    if dtype is None or not np.issubdtype(dtype, np.integer):
+        raise ValueError(f'{sidecar} names no integer dtype for {path.name} (write {{"dtype": "uint16"}} in it)')
+    return dtype
+
+
+def _read_tokens(path: Path, vocab_size: int) -> np.ndarray:
+    """A token file's ids, memory-mapped: a `.npy` as prepare writes it, or raw ids with a dtype sidecar."""
+    dtype = None if path.suffix == ".npy" else _sidecar_dtype(path)
+    try:
+        return load_dataset(path, vocab_size, dtype=dtype)
+    except (ValueError, EOFError) as error:
+        if str(error).startswith(str(path)):  # load_dataset's own message: it names the file and the fix
+            raise
+        raise ValueError(
+            f"{path} cannot be read as a token array (empty, cut short, or another format): "
+            "pass the .npy prepare wrote, or a text file with --text"
+        ) from None
+
+# %% ../nbs/19_evaluate.ipynb #f8f90bd4
+def _memory_bytes(device: torch.device) -> int | None:
+    """The memory a forward pass on `device` can use at most: the GPU's, else the machine's RAM (None: unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return None
+
+
+def _check_batch_size(model: TransformerLM, batch_size: int, context_length: int) -> None:
+    """Refuse a --batch-size whose logits alone would not fit in the device's memory."""
+    per_window = 2 * 4 * context_length * model.vocab_size  # float32 logits, and the log-softmax's array as large
+    memory = _memory_bytes(next(model.parameters()).device)
+    if memory is not None and batch_size * per_window > memory:
+        raise ValueError(
+            f"--batch-size {batch_size:,} needs {batch_size * per_window / 1e9:,.1f} GB for one forward pass's "
+            f"logits, more than the {memory / 1e9:,.1f} GB here (each window takes {per_window / 1e6:,.2f} MB: "
+            "use a smaller --batch-size)"
+        )
+
+# %% ../nbs/19_evaluate.ipynb #55e7e78f
+_RESERVED_NAMES = frozenset(  # files other commands read: a run's config, a tokenizer, an export
+    {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+     "special_tokens.json", "vocab.json", "model.safetensors.index.json"}
+)  # fmt: skip
+_RESULT_KEYS = {"checkpoint", "input", "kind", "loss", "bits_per_byte"}
+
+
+def _is_result(path: Path) -> bool:
+    """Whether `path` holds an evaluate result: a small JSON object with the keys every result has."""
+    try:
+        if path.stat().st_size > 1 << 20:
+            return False
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+        return False
+    return isinstance(result, dict) and _RESULT_KEYS <= result.keys()
+
+
+def _check_out(out: str | os.PathLike) -> Path:
+    """`out` as the result file, or a one-line error when writing there could destroy what is not a result."""
+    if not os.fspath(out).strip():
+        raise ValueError("--out is empty (name a .json file, or leave --out out for <run dir>/eval_<input>_....json)")
+    path = Path(out)
+    if path.suffix != ".json" or path.name in _RESERVED_NAMES:
+        raise ValueError(f"--out {path}: not a name for a result (name a .json file of its own, e.g. eval.json)")
+    above = next(p for p in [path.parent, *path.parent.parents] if os.path.lexists(p))  # "." always exists
+    if not above.is_dir():
+        raise ValueError(f"--out {path}: {above} is a file, not a folder (choose another --out)")
+    if os.path.lexists(path):
+        if not path.is_file():
+            raise ValueError(f"--out {path} exists and is not a regular file (name a .json file of its own)")
+        if not _is_result(path):
+            raise ValueError(
+                f"--out {path} exists and is not an evaluate result: not replaced (choose another --out, or move it)"
+            )
+    return path
+
+
+def _fingerprint(source: Path, settings: list) -> str:
+    """8 hex digits naming what was scored: the input file (path, size, modification time) and the settings."""
+    info = source.stat()
+    key = json.dumps([str(source.resolve()), info.st_size, info.st_mtime_ns, *settings])
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:8]
+
+
+def _default_out(header: dict) -> Path:
+    """`<run dir>/eval_<input name>_<iteration>_<fingerprint>.json`."""
+    run_dir = Path(header["checkpoint"]).parent
+    name = Path(header["input"]).name.removesuffix(".npy")
+    return run_dir / f"eval_{name}_{header['iteration']}_{header['fingerprint']}.json"
+
+# %% ../nbs/19_evaluate.ipynb #a1d555be
 def main(argv: list[str] | None = None) -> dict:
     """`python -m cs336_nb.evaluate`: loss, perplexity and bits per byte of a checkpoint over a whole input."""
     parser = checkpoint_parser(
@@ -177,11 +341,16 @@ def main(argv: list[str] | None = None) -> dict:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="a UTF-8 text file, encoded with the run's tokenizer")
     source.add_argument("--data", help="a token array (.npy as prepare writes it, or raw .bin with a dtype sidecar)")
-    parser.add_argument("--stride", type=int, default=None, help="window step in tokens (default: context_length)")
+    parser.add_argument(
+        "--context-length", type=int, default=None, help="window length, at most the model's (default: the model's)"
+    )
+    parser.add_argument("--stride", type=int, default=None, help="window step in tokens (default: the window length)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     parser.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    parser.add_argument("--out", default=None, help="JSON file to write (default <run dir>/eval_<input>_<iter>.json)")
+    parser.add_argument(
+        "--out", default=None, help="JSON file to write (default <run dir>/eval_<input>_<iter>_<fingerprint>.json)"
+    )
     parser.add_argument("--json", action="store_true", help="print only the JSON result on stdout")
     args = parser.parse_args(argv)
 
@@ -196,9 +365,10 @@ def main(argv: list[str] | None = None) -> dict:
             args.max_tokens,
             args.device,
             progress=sys.stderr.isatty(),
+            context_length=args.context_length,
+            out=True if args.out is None else args.out,
         )
-        out = Path(args.out) if args.out else _default_out(result)
-        atomic_write_json(out, result)
+        out = _default_out(result) if args.out is None else Path(args.out)
         if args.json:
             print(json.dumps(result, indent=2))
         else:

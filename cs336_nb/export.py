@@ -5,15 +5,21 @@
 # %% ../nbs/18_export.ipynb #9b7b0639
 from __future__ import annotations
 
+import errno
+import fnmatch
 import json
+import math
 import os
+import shutil
+import signal
+import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .checkpoint import find_checkpoint
-from .model import MODEL_KEYS, TransformerLM
+from .model import MODEL_KEYS, TransformerLM, check_model_config
 from .runtime import checkpoint_parser, load_model, run_cli, run_tokenizer_dir
 from .tokenizer import GPT2_PATTERN, Tokenizer, bytes_to_unicode
 
@@ -162,10 +168,25 @@ def hf_tokenizer(tokenizer: Tokenizer):
     return hf
 
 
+def _write_file(path: Path, data: bytes) -> None:
+    """Write `data` to a new file and flush it to disk; a failure is an OSError naming `path` with its errno."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a failed write (full disk, file-size limit) names no file
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, model_max_length: int) -> None:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out_dir`."""
     out_dir = Path(out_dir)
-    hf_tokenizer(tokenizer).save(str(out_dir / "tokenizer.json"))
+    _write_file(out_dir / "tokenizer.json", hf_tokenizer(tokenizer).to_str(pretty=True).encode("utf-8"))
     specials = dict(tokenizer.special_to_id)
     special_map = {}
     if "<|endoftext|>" in specials:
@@ -181,19 +202,99 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, model_ma
         "add_eos_token": False,
         **special_map,
     }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2, ensure_ascii=False) + "\n")
+    _write_file(out_dir / "tokenizer_config.json", _json_bytes(config))
+    _write_file(out_dir / "special_tokens_map.json", _json_bytes(special_map))
 
 # %% ../nbs/18_export.ipynb #9966209f
-_HF_FILES = (
+_HF_NAMES = (  # the files of a Hugging Face model directory; anything else in --out is not ours to replace
     "config.json",
+    "generation_config.json",
     "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+    "pytorch_model*.bin",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "README.md",
 )
 
 
+def _out_path(out_dir: str | os.PathLike) -> Path:
+    """The real path of `--out`: an empty one is refused, not read as the working directory."""
+    if not os.fspath(out_dir).strip():
+        raise ValueError("--out is empty (name the directory to write, e.g. --out hf/my_model)")
+    return Path(out_dir).resolve()  # a symbolic link: replace the directory it points to, keep the link
+
+
+def _check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The real path to export into; ValueError when writing there could replace files that are not an export."""
+    out = _out_path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a directory (choose a directory to write)")
+    held = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        what = "an exported model" if "config.json" in held else "files: " + ", ".join(held[:4])
+        raise ValueError(f"{out_dir} already holds {what} (choose another --out, or pass --overwrite to replace it)")
+    strangers = [n for n in held if n.endswith("/") or not any(fnmatch.fnmatch(n, p) for p in _HF_NAMES)]
+    if strangers:
+        raise ValueError(
+            f"{out_dir} holds {', '.join(strangers[:4])}, not part of a Hugging Face model directory, and "
+            "--overwrite replaces the whole directory (choose an empty or new --out)"
+        )
+    return out
+
+# %% ../nbs/18_export.ipynb #a57d6094
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # make the renames inside it durable
+    finally:
+        os.close(fd)
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Rename the finished `staging` directory to `out`; an earlier `out` goes only once the new one is in place."""
+    old = staging.with_name(staging.name + ".old")
+    try:
+        if out.exists():
+            os.rename(out, old)
+        os.rename(staging, out)
+    except BaseException:  # a failed rename or a signal between the two: put the earlier export back
+        if old.exists() and not out.exists():
+            os.rename(old, out)
+        raise
+    _fsync_directory(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_directory_atomically(out: Path, write) -> None:
+    """Call `write(folder)` on a new folder beside `out`, then swap it in: `out` is the old directory or the new one."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))  # same file system
+    try:
+        try:
+            write(staging)
+        except OSError as e:  # name the file the user asked for, not the hidden folder it was written in
+            where = out / Path(e.filename).name if e.filename else out
+            if e.errno == errno.EFBIG:
+                raise ValueError(
+                    f"{where}: file too large for the file-size limit (raise it with ulimit -f, or export "
+                    "--dtype bfloat16)"
+                ) from None
+            raise OSError(e.errno, e.strerror, str(where)) from None
+        os.chmod(staging, 0o755)  # mkdtemp makes it private
+        _fsync_directory(staging)
+        _swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone after a swap; a failed export leaves nothing behind
+
+# %% ../nbs/18_export.ipynb #0ad4932b
 def save_hf(
     model: TransformerLM,
     out_dir: str | os.PathLike,
@@ -208,28 +309,70 @@ def save_hf(
             f"the tokenizer has {len(tokenizer.vocab)} tokens but the model only {model.config['vocab_size']}: "
             "wrong tokenizer? pass the run's (--tokenizer DIR)"
         )
+    out = _check_out_dir(out_dir, overwrite)
     config = hf_config(model, tokenizer, dtype)
-    weights = to_hf_state_dict(model, dtype)
-    out_dir = Path(out_dir)
-    if out_dir.is_dir() and (out_dir / "config.json").exists() and not overwrite:
-        raise ValueError(f"{out_dir} already holds an exported model (choose another --out, or pass --overwrite)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in _HF_FILES:  # an overwritten export must not keep an old tokenizer next to a new model
-        (out_dir / name).unlink(missing_ok=True)
-    safetensors_torch.save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    os.chmod(out_dir / "model.safetensors", 0o644)  # safetensors creates it 0600, unlike the other files
-    if tokenizer is not None:
-        save_hf_tokenizer(tokenizer, out_dir, config["max_position_embeddings"])
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # last: its presence marks a whole export
-    return out_dir
+    weights = safetensors_torch.save(to_hf_state_dict(model, dtype), metadata={"format": "pt"})  # bytes
+
+    def write(folder: Path) -> None:
+        _write_file(folder / "model.safetensors", weights)
+        if tokenizer is not None:
+            save_hf_tokenizer(tokenizer, folder, config["max_position_embeddings"])
+        _write_file(folder / "config.json", _json_bytes(config))
+
+    _write_directory_atomically(out, write)
+    return Path(out_dir)
 
 # %% ../nbs/18_export.ipynb #f3b07537
-def _hf_refusal(hf: dict, path: Path) -> str | None:
-    """Why the Hugging Face config `hf` (read from `path`) is not a model TransformerLM can be; None when it is."""
+_HF_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_HF_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", bool: "true or false", type(None): "null"}
+
+
+def _read_json(path: Path, limit: int = 16 << 20):
+    """The JSON value in the regular file `path` (read only when under `limit` bytes); ValueError naming the file."""
+    if not path.is_file():  # a FIFO or a device is not a file: never block on it or read it forever
+        raise FileNotFoundError(f"no {path.name} file in {path.parent} (pass a Hugging Face model directory)")
+    if path.stat().st_size > limit:
+        raise ValueError(f"{path} is {path.stat().st_size:,} bytes, too large for a JSON settings file")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+
+
+def _check_hf_fields(hf, path: Path) -> None:
+    """Raise a ValueError naming `path` and the field for a config.json that is not a dict of well-typed fields."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} holds {_JSON_KINDS.get(type(hf), 'a number')}, not an object of Llama settings")
+    missing = [key for key in _HF_SIZES if hf.get(key) is None]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: not a Llama config")
+    for key in _HF_SIZES + _HF_OPTIONAL_SIZES:
+        value = hf.get(key)
+        if key in hf and value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"{path}: {key} must be a positive integer, got {value!r}")
+    rope = hf.get("rope_parameters")
+    if rope is not None and not isinstance(rope, dict):
+        raise ValueError(f"{path}: rope_parameters must be an object, got {rope!r}")
+    for key, value in (("rms_norm_eps", hf.get("rms_norm_eps")), ("rope_theta", hf.get("rope_theta")),
+                       ("rope_parameters.rope_theta", (rope or {}).get("rope_theta"))):  # fmt: skip
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{path}: {key} must be a number, got {value!r}")
+        if value is not None and not 0 < value < math.inf:  # NaN fails too
+            raise ValueError(f"{path}: {key} must be a positive finite number, got {value!r}")
+    kinds = {"architectures": list, "rope_scaling": dict, "hidden_act": str, "model_type": str}
+    kinds |= {"tie_word_embeddings": bool, "attention_bias": bool, "mlp_bias": bool}
+    for key, kind in kinds.items():
+        if hf.get(key) is not None and not isinstance(hf[key], kind):
+            raise ValueError(f"{path}: {key} must be {_JSON_KINDS[kind]}, got {hf[key]!r}")
+
+
+def _hf_refusal(hf: dict) -> str | None:
+    """Why a well-typed Hugging Face config is not a model TransformerLM can be; None when it is."""
     architectures = hf.get("architectures") or []
     if hf.get("model_type") != "llama" or architectures not in ([], ["LlamaForCausalLM"]):
         return f"architectures={architectures} model_type={hf.get('model_type')!r}: only LlamaForCausalLM reads"
-    heads = hf.get("num_attention_heads")
+    heads = hf["num_attention_heads"]
     kv_heads = hf.get("num_key_value_heads") or heads
     if kv_heads != heads:
         return (
@@ -255,23 +398,18 @@ def _hf_refusal(hf: dict, path: Path) -> str | None:
 
 def read_hf_config(directory: str | os.PathLike) -> dict:
     """Our model config (the keys of MODEL_KEYS) for a local Hugging Face Llama directory; ValueError naming a field we can not express."""
+    if not os.fspath(directory).strip():
+        raise ValueError("the Hugging Face directory is an empty path (pass the folder holding config.json)")
     path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {directory}: pass a Hugging Face model directory")
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error})") from None
-    missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size") if k not in hf]
-    if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}: not a Llama config")
-    problem = _hf_refusal(hf, path)
+    hf = _read_json(path)
+    _check_hf_fields(hf, path)
+    problem = _hf_refusal(hf)
     if problem:
         raise ValueError(f"{path}: {problem}")
     theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
-    return {
+    config = {
         "vocab_size": hf["vocab_size"],
-        "context_length": hf.get("max_position_embeddings", 2048),
+        "context_length": hf.get("max_position_embeddings") or 2048,
         "d_model": hf["hidden_size"],
         "num_layers": hf["num_hidden_layers"],
         "num_heads": hf["num_attention_heads"],
@@ -283,29 +421,56 @@ def read_hf_config(directory: str | os.PathLike) -> dict:
         "ffn_type": "swiglu",
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
     }
+    try:
+        check_model_config(config)  # e.g. an odd head size, which RoPE can not rotate
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return config
+
+# %% ../nbs/18_export.ipynb #4bd9c3b0
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    """Every tensor in one safetensors file; a ValueError naming the file for one that is torn or not safetensors."""
+    safetensors = _require("safetensors")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is not a file (restore it, or re-save the model with save_pretrained)")
+    try:
+        return _require("safetensors.torch").load_file(str(path))
+    except safetensors.SafetensorError as error:
+        raise ValueError(f"{path} is not a whole safetensors file ({error}): copy or re-save it") from None
 
 
-def _read_safetensors(directory: Path) -> dict[str, Tensor]:
-    """Every tensor of `model.safetensors`, or of the shards a `model.safetensors.index.json` lists."""
-    safetensors_torch = _require("safetensors.torch")
-    if (directory / "model.safetensors").is_file():
-        return safetensors_torch.load_file(str(directory / "model.safetensors"))
+def _read_safetensors(directory: Path) -> tuple[dict[str, Tensor], dict[str, Path]]:
+    """Every tensor of `model.safetensors`, or of the shards a `model.safetensors.index.json` lists; and each one's file."""
+    files = [directory / "model.safetensors"]
     index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        return {k: v for shard in shards for k, v in safetensors_torch.load_file(str(directory / shard)).items()}
-    hint = " (pytorch_model.bin is not read: re-save it with save_pretrained)" if any(directory.glob("*.bin")) else ""
-    raise FileNotFoundError(f"no model.safetensors in {directory}{hint}")
+    if not files[0].exists() and index.exists():
+        listing = _read_json(index)
+        weight_map = listing.get("weight_map") if isinstance(listing, dict) else listing
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(
+                f"{index}: weight_map must map each tensor name to a shard file name, got {weight_map!r:.80}"
+            )
+        shards = sorted(set(weight_map.values()))
+        outside = [s for s in shards if Path(s).name != s or s in ("", ".", "..")]
+        if outside:
+            raise ValueError(f"{index}: weight_map names {outside[0]!r}, not a file in {directory}")
+        files = [directory / shard for shard in shards]
+    elif not files[0].exists():
+        hint = (
+            " (pytorch_model.bin is not read: re-save it with save_pretrained)" if any(directory.glob("*.bin")) else ""
+        )
+        raise FileNotFoundError(f"no model.safetensors in {directory}{hint}")
+    tensors, source = {}, {}
+    for path in files:
+        for name, tensor in _load_safetensors(path).items():
+            tensors[name], source[name] = tensor, path
+    return tensors, source
 
 
-def read_hf_llama(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
-    """(our config, our state dict) from a local Hugging Face Llama directory, q/k rows permuted back to pairs."""
-    directory = Path(directory)
-    config = read_hf_config(directory)
-    hf = _read_safetensors(directory)
-    hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}  # a buffer older exports saved
+def _hf_names(num_layers: int, tied: bool) -> dict[str, str]:
+    """Our state-dict name -> the Hugging Face Llama name of the same weight."""
     names = {"token_embeddings.weight": "model.embed_tokens.weight", "ln_final.weight": "model.norm.weight"}
-    for i in range(config["num_layers"]):
+    for i in range(num_layers):
         ours, theirs = f"layers.{i}.", f"model.layers.{i}."
         names |= {
             ours + "ln1.weight": theirs + "input_layernorm.weight",
@@ -318,15 +483,37 @@ def read_hf_llama(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]
             ours + "ffn.w3.weight": theirs + "mlp.up_proj.weight",
             ours + "ffn.w2.weight": theirs + "mlp.down_proj.weight",
         }
-    tied = config["tie_embeddings"]
     if not tied:
         names["lm_head.weight"] = "lm_head.weight"
+    return names
+
+
+def read_hf_llama(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
+    """(our config, our state dict) from a local Hugging Face Llama directory, q/k rows permuted back to pairs."""
+    directory = Path(directory)
+    config = read_hf_config(directory)
+    hf, source = _read_safetensors(directory)
+    hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}  # a buffer older exports saved
+    tied = config["tie_embeddings"]
+    names = _hf_names(config["num_layers"], tied)
     unused = sorted(set(hf) - set(names.values()) - ({"lm_head.weight"} if tied else set()))
     if unused:
-        raise ValueError(f"{directory}: weights TransformerLM has no place for: {', '.join(unused[:3])}")
+        raise ValueError(f"{source[unused[0]]}: weights TransformerLM has no place for: {', '.join(unused[:3])}")
     missing = sorted(k for k in names.values() if k not in hf)
     if missing:
         raise ValueError(f"{directory}: model.safetensors lacks {', '.join(missing[:3])}")
+    meta = TransformerLM.from_config(config | {"context_length": 1}, device="meta")  # no weight depends on it
+    shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    for ours, theirs in names.items():  # check every tensor before the caller builds or fills a model
+        tensor = hf[theirs]
+        if tuple(tensor.shape) != shapes[ours]:
+            raise ValueError(
+                f"{source[theirs]}: {theirs} has shape {tuple(tensor.shape)}, config.json's sizes give "
+                f"{shapes[ours]} (the weights and config.json belong to different models)"
+            )
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            what = f"dtype {tensor.dtype}" if not tensor.is_floating_point() else "NaN or infinite values"
+            raise ValueError(f"{source[theirs]}: {theirs} holds {what} (re-save the model's weights)")
     state = {ours: hf[theirs] for ours, theirs in names.items()}
     for key in state:
         if key.endswith(("q_proj.weight", "k_proj.weight")):
@@ -353,15 +540,31 @@ def load_hf_weights(model: TransformerLM, directory: str | os.PathLike) -> Trans
     return model
 
 
+_MAX_POSITIONS = 1 << 20  # RoPE keeps a cos/sin table of every position in every layer
+
+
 def load_hf_model(directory: str | os.PathLike, device=None, dtype=None) -> TransformerLM:
-    """The `TransformerLM` in a local Hugging Face Llama directory: its config, then its weights (`from_hf`)."""
+    """The `TransformerLM` in a local Hugging Face Llama directory: its config, then its weights."""
     config, state = read_hf_llama(directory)  # q/k rows permuted back to our RoPE pairs
+    if config["context_length"] > _MAX_POSITIONS:
+        raise ValueError(
+            f"{Path(directory) / 'config.json'}: max_position_embeddings={config['context_length']:,} is more "
+            f"positions than TransformerLM keeps RoPE tables for ({_MAX_POSITIONS:,}; lower it to the context you need)"
+        )
     model = TransformerLM.from_config(config, device=device, dtype=dtype)
     model.load_state_dict(state)
     return model
 
 # %% ../nbs/18_export.ipynb #8a55bd3d
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check_apart(out: Path, folder: Path, what: str) -> None:
+    """Refuse an export directory that is `folder`, lies inside it or holds it: replacing it would replace `what`."""
+    folder = folder.resolve()
+    if out == folder or folder in out.parents or out in folder.parents:
+        where = "is" if out == folder else "is inside" if folder in out.parents else "holds"
+        raise ValueError(f"--out {out} {where} {what} {folder} (export into a directory outside it)")
 
 
 def export(
@@ -376,8 +579,14 @@ def export(
         raise ValueError(f"--dtype {dtype!r} is not a weight type (use float32, bfloat16 or float16)")
     model, _, path = load_model(src)
     check_llama(model.config)  # before looking for a tokenizer: the more basic refusal first
-    tokenizer = Tokenizer.from_dir(run_tokenizer_dir(src, tokenizer_dir))
-    return save_hf(model, out, tokenizer, _DTYPES[dtype], overwrite)
+    tokenizer_dir = run_tokenizer_dir(src, tokenizer_dir)
+    _check_apart(_out_path(out), path.parent, "the run directory")  # the checkpoints, metrics and config
+    _check_apart(_out_path(out), tokenizer_dir, "the tokenizer directory")
+    return save_hf(model, out, Tokenizer.from_dir(tokenizer_dir), _DTYPES[dtype], overwrite)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: the half-written export is removed, the earlier one stays
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -399,7 +608,13 @@ def main(argv: list[str] | None = None) -> Path:
         )
         return out
 
-    return run_cli("export", run)
+    stops = (signal.SIGTERM, signal.SIGHUP)
+    before = [signal.signal(s, _interrupt) for s in stops]  # kill and a closed terminal end like Ctrl-C
+    try:
+        return run_cli("export", run)
+    finally:
+        for stop, handler in zip(stops, before):
+            signal.signal(stop, handler)
 
 # %% ../nbs/18_export.ipynb #045943f4
 #| eval: false

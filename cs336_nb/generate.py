@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,7 +22,7 @@ from .tokenizer import Tokenizer
 
 # %% auto #0
 __all__ = ['top_k_filter', 'top_p_filter', 'sample_next_token', 'stream_generate', 'generate', 'benchmark_kv_cache',
-           'TextStreamer', 'sample_text', 'main']
+           'TextStreamer', 'decodable_ids', 'sample_text', 'main']
 
 # %% ../nbs/13_generate.ipynb #f8dcc1a8
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -43,7 +44,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     probs = softmax(logits.float(), dim=-1)
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # exclusive cumulative sum
-    drop_sorted = mass_before >= p  # the first token has mass_before = 0 < p: always kept
+    drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False  # the most likely token always stays (a p below float32's range reads as 0)
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
 
@@ -70,7 +72,11 @@ def sample_next_token(
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)  # the tau -> 0 limit of the softmax
-    logits = logits / temperature
+    # subtract the max first: the best logit stays exactly 0 at any temperature, so no inf - inf = NaN;
+    # a temperature float32 cannot hold would round to 0 or inf (and -inf / inf is NaN): clamp it to float32's
+    # range, where the result is already the limit's (one-hot on the argmax, or flat)
+    temperature = min(max(temperature, torch.finfo(torch.float32).tiny), torch.finfo(torch.float32).max)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     logits = top_p_filter(logits, top_p)
@@ -94,6 +100,7 @@ def stream_generate(
     eos_id: int | None = None,  # stop (without yielding it) when this id is drawn
     generator: torch.Generator | None = None,
     use_cache: bool = True,  # False: re-run the whole window for every token (the reference)
+    allowed: torch.Tensor | None = None,  # (vocab_size,) bool: ids that may be drawn; None: every id
 ) -> Iterator[int]:
     """Yield new token ids one at a time, continuing `prompt_ids`."""
     ids = [int(i) for i in (prompt_ids.flatten().tolist() if isinstance(prompt_ids, torch.Tensor) else prompt_ids)]
@@ -116,6 +123,8 @@ def stream_generate(
                 cache.reset()
                 fresh = ids[-context_length:]
             logits = model(torch.tensor([fresh], device=device), kv_cache=cache)[0, -1]  # (V,)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))  # as top-k does to the ids it drops
         next_id = int(sample_next_token(logits, temperature, top_p, top_k, generator))
         if eos_id is not None and next_id == eos_id:
             return
@@ -134,10 +143,13 @@ def generate(
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    allowed: torch.Tensor | None = None,
 ) -> list[int]:
     """The new token ids (without the prompt, without the end-of-text id): `stream_generate`, collected."""
     return list(
-        stream_generate(model, prompt_ids, max_new_tokens, temperature, top_p, top_k, eos_id, generator, use_cache)
+        stream_generate(
+            model, prompt_ids, max_new_tokens, temperature, top_p, top_k, eos_id, generator, use_cache, allowed
+        )
     )
 
 # %% ../nbs/13_generate.ipynb #38f44a66
@@ -230,6 +242,24 @@ def _prompt_ids(model: TransformerLM, tokenizer: Tokenizer, prompt: str) -> list
     return ids
 
 
+def decodable_ids(model: TransformerLM, tokenizer: Tokenizer) -> torch.Tensor | None:
+    """A (vocab_size,) bool mask of the model's ids that `tokenizer` can decode; None when it decodes them all."""
+    vocab = getattr(tokenizer, "vocab", None)
+    if not isinstance(vocab, dict):
+        return None  # a tokenizer without byte access: nothing to check
+    vocab_size = model.token_embeddings.weight.shape[0]
+    known = [i for i in vocab if 0 <= i < vocab_size]
+    if len(known) == vocab_size:
+        return None
+    if not known:
+        raise ValueError(
+            f"the tokenizer decodes none of the model's {vocab_size} ids (pass the run's own with --tokenizer DIR)"
+        )
+    mask = torch.zeros(vocab_size, dtype=torch.bool, device=_model_device(model))
+    mask[known] = True
+    return mask
+
+
 def _continuation(
     model: TransformerLM,
     tokenizer: Tokenizer,
@@ -244,7 +274,9 @@ def _continuation(
     streamer = TextStreamer(tokenizer)
     ids = _prompt_ids(model, tokenizer, prompt)
     eos = _eos_id(tokenizer)
-    for token_id in stream_generate(model, ids, max_new_tokens, temperature, top_p, top_k, eos, generator):
+    allowed = decodable_ids(model, tokenizer)
+    sampling = (max_new_tokens, temperature, top_p, top_k, eos, generator)
+    for token_id in stream_generate(model, ids, *sampling, allowed=allowed):
         yield token_id, streamer.push(token_id)
     yield None, streamer.flush()
 
@@ -275,6 +307,13 @@ def sample_text(
 def _check_flags(args: argparse.Namespace) -> None:
     """Refuse bad flags before loading anything."""
     _check_sampling(args.temperature, args.top_p, args.top_k)
+    if not args.checkpoint:
+        raise ValueError("--checkpoint is empty (pass a run directory or a checkpoint file)")
+    if args.tokenizer == "":
+        raise ValueError("--tokenizer is empty (pass the tokenizer's folder, or leave it out for the run's own)")
+    cores = os.cpu_count() or 1
+    if args.threads is not None and not 1 <= args.threads <= cores:  # torch crashes on absurd counts
+        raise ValueError(f"--threads must be in [1, {cores}], this machine's cores; got {args.threads}")
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.num_samples < 1:
@@ -317,7 +356,9 @@ def _generate(args: argparse.Namespace) -> None:
     _prompt_ids(model, tokenizer, args.prompt)  # a wrong tokenizer fails here, before anything is printed
     num_params = sum(p.numel() for p in model.parameters())
     threads = set_threads(args.threads, num_params)
-    print(f"loaded {path} ({num_params:,} parameters) on {device}, {threads} thread(s)", file=sys.stderr)
+    allowed = decodable_ids(model, tokenizer)
+    masked = "" if allowed is None else f"; sampling only the {int(allowed.sum()):,} ids its tokenizer decodes"
+    print(f"loaded {path} ({num_params:,} parameters) on {device}, {threads} thread(s){masked}", file=sys.stderr)
     generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
     for i in range(args.num_samples):
         if args.num_samples > 1:

@@ -7,6 +7,8 @@ __all__ = ['MODEL_KEYS', 'REQUIRED_MODEL_KEYS', 'TransformerBlock', 'check_conte
            'new_kv_cache', 'count_parameters', 'forward_flops', 'training_flops_per_token']
 
 # %% ../nbs/02_model.ipynb #2b56e5cd
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -82,7 +84,7 @@ def check_context_length(num_tokens: int, context_length: int, what: str = "sequ
 
 
 def check_model_config(config: dict) -> None:
-    """Raise a one-line ValueError naming the key for a model config no `TransformerLM` can be built from."""
+    """Raise a one-line ValueError naming the key for a config no `TransformerLM` can be built from, or a NaN/inf float."""
     if not isinstance(config, dict):
         raise ValueError(
             f"a model config is a dict of {', '.join(REQUIRED_MODEL_KEYS)}, ...; got {type(config).__name__}"
@@ -98,8 +100,11 @@ def check_model_config(config: dict) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{key} must be a positive integer, got {value!r} (fix it in the config)")
     theta = config.get("rope_theta")
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < math.inf:  # NaN fails too
         raise ValueError(f"rope_theta must be a positive number, got {theta!r} (10000.0 is the usual value)")
+    for key, value in config.items():  # eps, learning rates, ...: JSON's NaN and Infinity parse as floats
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value!r} (fix it in the config)")
     d_model, num_heads = config["d_model"], config["num_heads"]
     if d_model % num_heads:
         raise ValueError(
@@ -161,13 +166,6 @@ class TransformerLM(nn.Module):
         check_model_config(config)
         kwargs = {key: config[key] for key in MODEL_KEYS if config.get(key) is not None}  # None: the default
         return cls(**kwargs, device=device, dtype=dtype)
-
-    @classmethod
-    def from_hf(cls, directory, device=None, dtype=None) -> "TransformerLM":
-        """The model in a local Hugging Face Llama directory (MHA, no biases, plain RoPE); see the export chapter."""
-        from cs336_nb.export import load_hf_model  # needs the optional safetensors package (pip install -e ".[hf]")
-
-        return load_hf_model(directory, device=device, dtype=dtype)
 
     def forward(self, token_ids: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         """Logits (B, T, vocab_size) for token_ids (B, T); with kv_cache, only for the new tokens."""

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import sys
@@ -14,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter
@@ -21,7 +23,7 @@ from matplotlib.ticker import FormatStrFormatter
 from .runtime import run_cli
 
 # %% auto #0
-__all__ = ['FIGSIZE', 'read_metrics', 'ema', 'plot_runs', 'default_out', 'main']
+__all__ = ['FIGSIZE', 'parse_record', 'read_metrics', 'ema', 'PngFigure', 'plot_records', 'plot_runs', 'default_out', 'main']
 
 # %% ../nbs/14_plot.ipynb #cf4994fe
 def _metrics_file(run_dir: str | Path) -> Path:
@@ -56,6 +58,15 @@ def _is_record(record) -> bool:
     return all(record.get(key) is None or _is_number(record[key]) for key in ("loss", "val_loss"))
 
 
+def parse_record(line: str) -> dict | None:
+    """The metrics record on one line of metrics.jsonl, or None for a torn, malformed or non-numeric line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if _is_record(record) else None
+
+
 def read_metrics(run_dir: str | Path, warn: Callable[[str], None] | None = None) -> dict[str, list[dict]]:
     """The records of a run's metrics.jsonl grouped by type: {"train": [...], "eval": [...], ...}."""
     path = _metrics_file(run_dir)
@@ -65,11 +76,8 @@ def read_metrics(run_dir: str | Path, warn: Callable[[str], None] | None = None)
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if not _is_record(record):
+        record = parse_record(line)
+        if record is None:
             skipped.append(number)
             continue
         records.setdefault(str(record.get("type", "train")), []).append(record)
@@ -92,10 +100,17 @@ def ema(values: Sequence[float], smoothing: float) -> list[float]:
     return smoothed
 
 # %% ../nbs/14_plot.ipynb #8ee57196
-def _run_smoothing(smooth: float, points: int) -> float:
-    """The EMA factor for a run of `points` logged losses: `smooth`, reaching over at most a tenth of them."""
-    reach = max(1.0, points / 10)  # 1 / (1 - beta) points
-    return min(smooth, 1.0 - 1.0 / reach)
+def _smoothing_warning(name: str, smooth: float, points: int) -> str | None:
+    """A warning when an EMA of factor `smooth` reaches over more than a tenth of a run's `points` logged losses."""
+    reach = 1.0 / (1.0 - smooth)  # the EMA's memory, in logged points
+    if smooth == 0 or reach <= points / 10:
+        return None
+    fits = math.floor(100 * (1.0 - 10 / points)) / 100 if points > 10 else 0.0
+    advice = f"{fits:g} or less keeps it within a tenth of the run" if fits > 0 else "too few points to smooth: use 0"
+    return (
+        f"{name}: smoothing {smooth:g} averages over about {reach:.0f} of its {points} logged losses, "
+        f"so the smoothed curve trails the raw one ({advice})"
+    )
 
 # %% ../nbs/14_plot.ipynb #3d9ce3da
 FIGSIZE = (12.0, 4.5)  # inches: the PNG is FIGSIZE * dpi pixels
@@ -133,69 +148,93 @@ def _default_title(names: list[str]) -> str:
     shown = ", ".join(names[:4])
     return f"loss: {shown}" + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
+# %% ../nbs/14_plot.ipynb #290f0579
+class PngFigure(Figure):
+    """A matplotlib Figure that Jupyter draws as a PNG (IPython calls `_repr_png_`), no pyplot needed."""
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png")
+        return buffer.getvalue()
+
 # %% ../nbs/14_plot.ipynb #b470e671
-def _load_runs(
-    run_dirs: Sequence[str | Path], warn: Callable[[str], None] | None = None
-) -> list[tuple[str, list[dict], list[dict]]]:
-    """(legend name, train records, eval records) for each run, the last pass of a resumed run only."""
+def _load_runs(run_dirs: Sequence[str | Path], warn: Callable[[str], None] | None = None) -> dict[str, list[dict]]:
+    """The train and eval records of each run, keyed by its legend name."""
     if not run_dirs:
         raise ValueError("no run directories given (pass at least one training run directory)")
     files = [_metrics_file(d) for d in run_dirs]
     paths = [f.parent if f.name == "metrics.jsonl" else f.with_suffix("") for f in files]  # named after the run
-    runs = []
+    runs = {}
     for file, path, name in zip(files, paths, _run_names(paths)):
         records = read_metrics(file, warn)
-        train, val = _last_pass(records["train"], "loss"), _last_pass(records["eval"], "val_loss")
-        if not train and not val:
+        if not _last_pass(records["train"], "loss") and not _last_pass(records["eval"], "val_loss"):
             raise ValueError(f"{path} has no train or eval loss records yet (let the run log at least once)")
-        runs.append((name, train, val))
+        runs[name] = records["train"] + records["eval"]
     return runs
 
 # %% ../nbs/14_plot.ipynb #6d35f575
-def _draw_run(ax, train: list[dict], val: list[dict], x: str, scale: float, color: str, smooth: float) -> None:
+def _run_colors(index: int, runs: int) -> tuple[str, str]:
+    """(train, validation) colours: blue and orange for one run; else the light and dark shade of the run's hue."""
+    if runs == 1:
+        return "C0", "C1"
+    dark, light = matplotlib.colormaps["tab20"].colors[2 * (index % 10) : 2 * (index % 10) + 2]
+    return to_hex(light), to_hex(dark)
+
+
+def _draw_run(ax, train: list[dict], val: list[dict], x: str, scale: float, colors: tuple[str, str], smooth: float):
     """One run on one panel: train loss (raw, or raw faint under its EMA) and validation markers."""
     t = [r for r in train if r.get(x) is not None]
     v = [r for r in val if r.get(x) is not None]
     xs = [r[x] / scale for r in t]
     losses = [r["loss"] for r in t]
     if smooth > 0:
-        ax.plot(xs, losses, color=color, lw=0.6, alpha=0.2)
-        ax.plot(xs, ema(losses, smooth), color=color, lw=1.2, alpha=0.9)
+        ax.plot(xs, losses, color=colors[0], lw=0.6, alpha=0.3)
+        ax.plot(xs, ema(losses, smooth), color=colors[0], lw=1.2, alpha=1.0)
     else:
-        ax.plot(xs, losses, color=color, lw=0.8, alpha=0.45)
-    ax.plot([r[x] / scale for r in v], [r["val_loss"] for r in v], color=color, lw=1.5, marker="o", ms=4)
+        ax.plot(xs, losses, color=colors[0], lw=0.9, alpha=0.9)
+    ax.plot([r[x] / scale for r in v], [r["val_loss"] for r in v], color=colors[1], lw=1.5, marker="o", ms=4)
 
 
-def _legend(ax, names: list[str], factors: list[float] | None) -> None:
-    """One entry per run (with its EMA factor when smoothing), then the train and validation styles."""
-    if factors is not None:
-        names = [f"{name} (EMA {factor:.2g})" for name, factor in zip(names, factors)]
-    handles = [Line2D([], [], color=f"C{i % 10}", lw=2) for i in range(len(names))]
-    handles += [Line2D([], [], color="gray", lw=0.8, alpha=0.6), Line2D([], [], color="gray", lw=1.5, marker="o", ms=4)]
-    train = "train (EMA, raw faint)" if factors is not None else "train"
-    ax.legend(handles, [*names, train, "validation"], fontsize="small")
+def _legend(ax, names: list[str], colors: list[tuple[str, str]], smooth: float) -> None:
+    """The train and validation colours (one run), or the runs and then the two shades (several)."""
+    train = f"train (EMA {smooth:g}, raw faint)" if smooth > 0 else "train"
+    if len(names) == 1:
+        handles = [Line2D([], [], color=colors[0][0], lw=1.2), Line2D([], [], color=colors[0][1], lw=1.5, marker="o")]
+        ax.legend(handles, [train, "validation"], fontsize="small")
+        return
+    handles = [Line2D([], [], color=dark, lw=2) for _, dark in colors]
+    handles += [Line2D([], [], color="silver", lw=1.2), Line2D([], [], color="dimgray", lw=1.5, marker="o", ms=4)]
+    ax.legend(handles, [*names, f"{train}: light", "validation: dark"], fontsize="small")
 
 
-def plot_runs(
-    run_dirs: Sequence[str | Path],
-    out: str | Path | None = None,  # save a PNG (or any format matplotlib knows by suffix) here
+def plot_records(
+    runs: dict[str, list[dict]],  # legend name -> the run's metrics records, in the order they were written
     log_y: bool = False,  # log-scaled loss axis
     title: str | None = None,  # None: name the runs
     dpi: int = 100,
     smooth: float = 0.0,  # EMA factor for the train loss in [0, 1); 0 draws it raw
-    warn: Callable[[str], None] | None = None,  # told about skipped metrics lines (default: warnings.warn)
-) -> Figure:
-    """Train (thin line) and validation (markers) loss of each run, against step and against wall-clock time."""
-    ema([], smooth)  # check the factor before reading anything
-    runs = _load_runs(run_dirs, warn)
-    longest = max(r.get("time_s") or 0.0 for _, train, val in runs for r in train + val)
+    warn: Callable[[str], None]
+    | None = None,  # told when smoothing reaches over much of a run (default: warnings.warn)
+) -> PngFigure:
+    """Train and validation loss of each run, against step and against wall-clock time."""
+    ema([], smooth)  # check the factor before drawing anything
+    curves = {
+        name: (
+            _last_pass([r for r in records if r.get("type", "train") == "train"], "loss"),
+            _last_pass([r for r in records if r.get("type") == "eval"], "val_loss"),
+        )
+        for name, records in runs.items()
+    }
+    longest = max((r.get("time_s") or 0.0 for train, val in curves.values() for r in train + val), default=0.0)
     scale, unit = _time_unit(longest)
-    fig = Figure(figsize=FIGSIZE, dpi=dpi, layout="constrained")
+    fig = PngFigure(figsize=FIGSIZE, dpi=dpi, layout="constrained")
     by_step, by_time = fig.subplots(1, 2, sharey=True)
-    factors = [_run_smoothing(smooth, len(train)) for _, train, _ in runs]
-    for i, ((_, train, val), factor) in enumerate(zip(runs, factors)):
-        _draw_run(by_step, train, val, "step", 1.0, f"C{i % 10}", factor)
-        _draw_run(by_time, train, val, "time_s", scale, f"C{i % 10}", factor)
+    colors = [_run_colors(i, len(curves)) for i in range(len(curves))]
+    for (name, (train, val)), pair in zip(curves.items(), colors):
+        if (message := _smoothing_warning(name, smooth, len(train))) is not None:
+            (warn or warnings.warn)(message)
+        _draw_run(by_step, train, val, "step", 1.0, pair, smooth)
+        _draw_run(by_time, train, val, "time_s", scale, pair, smooth)
     by_step.set_xlabel("step")
     by_time.set_xlabel(f"wall-clock time ({unit})")
     by_step.set_ylabel("loss")
@@ -205,8 +244,24 @@ def plot_runs(
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # 3, 4, 6 rather than 3x10^0
             ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
-    _legend(by_step, [name for name, _, _ in runs], factors if smooth > 0 else None)
-    fig.suptitle(title if title is not None else _default_title([name for name, _, _ in runs]))
+    if curves:
+        _legend(by_step, list(curves), colors, smooth)
+    fig.suptitle(title if title is not None else _default_title(list(curves)))
+    return fig
+
+
+def plot_runs(
+    run_dirs: Sequence[str | Path],
+    out: str | Path | None = None,  # save a PNG (or any format matplotlib knows by suffix) here
+    log_y: bool = False,  # log-scaled loss axis
+    title: str | None = None,  # None: name the runs
+    dpi: int = 100,
+    smooth: float = 0.0,  # EMA factor for the train loss in [0, 1); 0 draws it raw
+    warn: Callable[[str], None] | None = None,  # told about skipped lines and heavy smoothing (default: warnings.warn)
+) -> PngFigure:
+    """The learning curves of run directories (`plot_records` of their metrics.jsonl); saved to `out` if given."""
+    ema([], smooth)  # check the factor before reading anything
+    fig = plot_records(_load_runs(run_dirs, warn), log_y, title, dpi, smooth, warn)
     if out is not None:
         fig.savefig(out, dpi=dpi)
     return fig
@@ -262,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         "--smooth",
         type=float,
         default=0.0,
-        help="EMA factor in [0, 1) for the train loss, e.g. 0.9, less for a run of few points (default: %(default)s, raw)",
+        help="EMA factor in [0, 1) for the train loss, drawn over the raw curve, e.g. 0.9 (default: %(default)s, raw)",
     )
     parser.add_argument("--log-y", action="store_true", help="log-scaled loss axis (default: linear)")
     parser.add_argument("--title", default=None, help="figure title (default: the runs' names)")

@@ -7,11 +7,15 @@ __all__ = ['QUICKSTART_CONFIG', 'CORPUS_NAME', 'CORPUS_BYTES', 'PROMPT', 'quicks
 
 # %% ../nbs/17_quickstart.ipynb #6a618a25
 import argparse
+import os
+import sys
 import time
 from pathlib import Path
 
 from . import generate, prepare, train
-from .runtime import available_cores, default_threads, load_model, run_cli, run_tokenizer_dir, set_threads
+from .config import TrainConfig, build_parser, config_from_dict, load_config_file, normalize_flags
+from .runtime import available_cores, default_threads, load_model, relaunch_with_tuned_malloc
+from .runtime import run_cli, run_tokenizer_dir, set_threads
 from .tokenizer import Tokenizer
 
 # %% ../nbs/17_quickstart.ipynb #940f88b9
@@ -34,12 +38,33 @@ def _find_config(config: str | Path | None) -> Path:
     raise ValueError(f"no {QUICKSTART_CONFIG} here or beside the package (pass --config FILE)")
 
 
-def _read_config(config: Path) -> train.TrainConfig:
+def _read_config(config: Path) -> TrainConfig:
     """The training config, read and checked by the training CLI's own loader, with the data it names."""
-    cfg = train.config_from_dict(train.load_config_file(config), source=str(config))
+    cfg = config_from_dict(load_config_file(config), source=str(config))
     if cfg.train_data is None or cfg.vocab_size is None:
         raise ValueError(f"{config} names no train_data or vocab_size (the quick start prepares that dataset)")
     return cfg
+
+
+def _run_dir(cfg: TrainConfig, train_argv: list[str]) -> Path:
+    """The run directory training writes: the --checkpoint-dir the training flags give, else the config's."""
+    given = vars(build_parser().parse_args(normalize_flags(train_argv)))  # flags not given are absent (SUPPRESS)
+    return Path(given.get("checkpoint_dir", cfg.checkpoint_dir))
+
+
+def _check_flags(prompt: str, max_new_tokens: int, seed: int, corpus_bytes: int, threads: int | None) -> None:
+    """Refuse flags that would fail only after preparing or training."""
+    if corpus_bytes < 1:
+        raise ValueError(f"--corpus-bytes must be positive, got {corpus_bytes}")
+    cores = os.cpu_count() or 1
+    if threads is not None and not 1 <= threads <= cores:  # torch crashes on absurd counts
+        raise ValueError(f"--threads must be in [1, {cores}], this machine's cores; got {threads}")
+    if not prompt:
+        raise ValueError('empty --prompt: give some text to continue, e.g. --prompt "def "')
+    if max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"--seed must be in [0, 2**63), got {seed}")
 
 
 def _dataset_location(train_data: str) -> tuple[Path, str]:
@@ -51,7 +76,7 @@ def _dataset_location(train_data: str) -> tuple[Path, str]:
     return train_data.parent, train_data.name[: -len(suffix)]
 
 # %% ../nbs/17_quickstart.ipynb #4e49f00a
-def _threads_note(cfg: train.TrainConfig, threads: int | None) -> str | None:
+def _threads_note(cfg: TrainConfig, threads: int | None) -> str | None:
     """One line about the thread count when it matters: several cores and no --threads given."""
     cores = available_cores()
     if threads is not None or cores < 2:
@@ -75,8 +100,9 @@ def quickstart(
     threads: int | None = None,  # None: the runtime's choice for the model size
 ) -> str:
     """Prepare the standard-library corpus, train the quick-start model, print and return a sample."""
+    _check_flags(prompt, max_new_tokens, seed, corpus_bytes, threads)  # before any work
     if threads is not None:
-        set_threads(threads)  # checks it before any work
+        set_threads(threads)
     config = _find_config(config)
     cfg = _read_config(config)
     out_dir, name = _dataset_location(cfg.train_data)
@@ -93,7 +119,7 @@ def quickstart(
     print(f"== 2/3 train: python -m cs336_nb.train {' '.join(train_argv)}", flush=True)
     summary = train.main([*train_argv, *(train_args or [])])
     # 3) sample from the newest checkpoint, loaded as the generate command loads it
-    run_dir = Path(cfg.checkpoint_dir)
+    run_dir = _run_dir(cfg, [*train_argv, *(train_args or [])])  # where this training wrote
     model, _, newest = load_model(run_dir)
     tokenizer = Tokenizer.from_dir(run_tokenizer_dir(newest))
     set_threads(threads, sum(p.numel() for p in model.parameters()))
@@ -105,7 +131,7 @@ def quickstart(
     steps = summary.get("iteration", "?") if isinstance(summary, dict) else "?"
     print(
         f"== done in {time.perf_counter() - t0:.0f} s: {steps} steps, run in {run_dir}; "
-        f"curves: python -m cs336_nb.plot {run_dir} --smooth 0.9 (writes {run_dir / 'curves.png'})",
+        f"curves: python -m cs336_nb.plot {run_dir} --smooth 0.3 (writes {run_dir / 'curves.png'})",
         flush=True,
     )
     return text
@@ -133,4 +159,5 @@ def main(argv: list[str] | None = None) -> str:
 # %% ../nbs/17_quickstart.ipynb #96c34d9d
 #| eval: false
 if __name__ == "__main__" and "__file__" in globals():
+    relaunch_with_tuned_malloc("cs336_nb.quickstart", sys.argv[1:])  # as train does: before any large allocation
     main()

@@ -110,6 +110,8 @@ def set_threads(n: int | None = None, num_params: int | None = None) -> int:
         n = default_threads(num_params)
     if n < 1:
         raise ValueError(f"--threads must be at least 1, got {n} (leave it out for the default)")
+    if n > (os.cpu_count() or 1):  # far beyond the cores torch does not just slow down: it crashes
+        raise ValueError(f"--threads must be at most {os.cpu_count()}, this machine's cores; got {n}")
     import torch
 
     torch.set_num_threads(n)
@@ -370,6 +372,8 @@ def load_model(
 def run_tokenizer_dir(src: str | os.PathLike, override: str | os.PathLike | None = None) -> Path:
     """The tokenizer of the run of `src` (checkpoint or run directory): `override`, else `<run_dir>/tokenizer/`."""
     if override is not None:
+        if str(override).strip() == "":
+            raise ValueError("--tokenizer is empty (pass the folder holding the tokenizer, or leave the flag out)")
         path = Path(override)
         if not path.is_dir():
             raise ValueError(f"--tokenizer {override}: no such directory (pass the folder holding the tokenizer)")
@@ -470,7 +474,7 @@ def _error_exit(prog: str, message: str, code: int = 2):
     if sys.stderr is not None:  # None when started with stderr closed: the exit status still tells
         sys.stderr.write(f"{prog}: {message}\n")
         sys.stderr.flush()
-    raise SystemExit(code)
+    raise SystemExit(code) from None  # no chained exception: IPython's traceback printer trips over one
 
 
 def _silence_stdout() -> None:

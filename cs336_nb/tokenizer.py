@@ -12,12 +12,26 @@ import os
 import re
 import signal
 import warnings
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from multiprocessing import get_context
+from operator import add
 from pathlib import Path
 
 import regex
+
+# %% ../nbs/08_tokenizer.ipynb #ef7e47cc
+def _merge_pair(ids: list[int], a: int, b: int, new_id: int) -> list[int]:
+    """`ids` with every adjacent (a, b) replaced by `new_id`, left to right."""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and ids[i] == a and ids[i + 1] == b:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
 
 # %% ../nbs/08_tokenizer.ipynb #e4375a5d
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -48,14 +62,22 @@ def _special_splitter(special_tokens) -> "regex.Pattern | None":
     ordered = sorted(set(special_tokens), key=len, reverse=True)
     return regex.compile("(" + "|".join(regex.escape(s) for s in ordered) + ")")
 
+# %% ../nbs/08_tokenizer.ipynb #bpe1cnt01
+_WHITESPACE = "\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"  # what `regex` calls \s
+_PIECE_RE = re.compile(f"[{_WHITESPACE}]*[^{_WHITESPACE}]+|[{_WHITESPACE}]+")  # whitespace, then a word
+
 
 def _count_pretokens(text: str, special_tokens) -> Counter:
     """Count the pre-tokens of `text`; special tokens split the text and are dropped."""
     splitter = _special_splitter(special_tokens)
     parts = splitter.split(text)[::2] if splitter else [text]  # even parts lie between special tokens
-    counts = Counter()
+    pieces = Counter()
     for part in parts:
-        counts.update(_PRETOKEN_RE.findall(part))
+        pieces.update(_PIECE_RE.findall(part))  # cut before each whitespace that follows a non-space
+    counts = Counter()
+    for piece, n in pieces.items():
+        for pre in _PRETOKEN_RE.findall(piece):  # the GPT-2 pattern runs once per distinct piece
+            counts[pre] += n
     return counts
 
 # %% ../nbs/08_tokenizer.ipynb #ce381f40
@@ -143,55 +165,45 @@ def _desc_key(token: bytes) -> tuple:
     """A key sorting byte strings in descending lexicographic order (the terminator puts a prefix after its extensions)."""
     return tuple(255 - b for b in token) + (256,)
 
-# %% ../nbs/08_tokenizer.ipynb #ef7e47cc
-def _merge_pair(ids: list[int], a: int, b: int, new_id: int) -> list[int]:
-    """`ids` with every adjacent (a, b) replaced by `new_id`, left to right."""
-    out, i = [], 0
-    while i < len(ids):
-        if i + 1 < len(ids) and ids[i] == a and ids[i + 1] == b:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
-
 # %% ../nbs/08_tokenizer.ipynb #5419e40a
-def _index_pairs(words: list[list[int]], freqs: list[int]) -> tuple[dict, dict]:
+def _index_pairs(words: list[str], freqs: list[int]) -> tuple[dict, dict]:
     """Count every adjacent pair (weighted by word frequency) and list the words holding each pair."""
-    pair_counts: dict[tuple[int, int], int] = {}
-    pair_words: dict[tuple[int, int], set[int]] = {}  # pair -> words that (may still) contain it
+    pair_counts: dict[str, int] = {}
+    pair_words: dict[str, list[int]] = defaultdict(list)  # pair -> words that (may still) hold it, repeats allowed
     for wi, word in enumerate(words):
-        for pair in zip(word, word[1:]):
-            pair_counts[pair] = pair_counts.get(pair, 0) + freqs[wi]
-            pair_words.setdefault(pair, set()).add(wi)
+        n = freqs[wi]
+        for pair in map(add, word, word[1:]):  # each pair as a 2-character string
+            pair_counts[pair] = pair_counts.get(pair, 0) + n
+            pair_words[pair].append(wi)
     return pair_counts, pair_words
 
 
-def _apply_merge(words, freqs, pair_counts, pair_words, pair, new_id) -> dict[tuple[int, int], int]:
-    """Merge `pair` into `new_id` in every word holding it; update the index; return the change of each pair count."""
-    delta: dict[tuple[int, int], int] = {}
+def _apply_merge(words, freqs, pair_counts, pair_words, pair: str, new: str) -> list[str]:
+    """Merge `pair` into the token `new` in every word holding it; update counts and index; return the pairs made."""
+    delta: dict[str, int] = {}
     for wi in pair_words.pop(pair):
         word = words[wi]
-        merged = _merge_pair(word, *pair, new_id)
-        if len(merged) == len(word):
-            continue  # stale index entry: the pair left this word earlier
+        if pair not in word:
+            continue  # stale or repeated index entry: the pair left this word already
         n = freqs[wi]
-        for p in zip(word, word[1:]):
+        merged = words[wi] = word.replace(pair, new)  # str.replace goes left to right, as a BPE merge does
+        for p in map(add, word, word[1:]):
             delta[p] = delta.get(p, 0) - n
-        for p in zip(merged, merged[1:]):
+        for p in map(add, merged, merged[1:]):
             delta[p] = delta.get(p, 0) + n
-            if new_id in p:
-                pair_words.setdefault(p, set()).add(wi)
-        words[wi] = merged
+            if new in p:
+                pair_words[p].append(wi)
+    made = []
     for p, d in delta.items():
-        if d != 0:
+        if d > 0:
+            made.append(p)  # only pairs holding `new` grow, from zero
+        if d:
             c = pair_counts.get(p, 0) + d
             if c > 0:
                 pair_counts[p] = c
             else:
-                pair_counts.pop(p, None)
-    return {p: d for p, d in delta.items() if d != 0}
+                del pair_counts[p]
+    return made
 
 # %% ../nbs/08_tokenizer.ipynb #23684c7d
 def train_bpe(
@@ -211,26 +223,31 @@ def train_bpe(
     if not Path(input_path).is_file():
         raise FileNotFoundError(f"training text not found: {input_path}")
     counts = _pretoken_counts(input_path, special_tokens, max_bytes, num_processes)
-    vocab = {i: bytes([i]) for i in range(256)}
-    words = [list(w.encode("utf-8")) for w in counts]  # each distinct pre-token as a list of token ids
+    words = [w.encode("utf-8").decode("latin-1") for w in counts]  # token id i is the character chr(i)
     freqs = list(counts.values())
+    del counts  # the words and their frequencies hold the same, more compactly
     pair_counts, pair_words = _index_pairs(words, freqs)
+    vocab = {i: bytes([i]) for i in range(256)}
     keys = [_desc_key(vocab[i]) for i in range(256)]
-    heap = [(-n, keys[a], keys[b], (a, b)) for (a, b), n in pair_counts.items()]  # max count, then greater bytes
+    heap = [(-n, keys[ord(p[0])], keys[ord(p[1])], p) for p, n in pair_counts.items()]  # max count, then greater bytes
     heapq.heapify(heap)
     merges = []
     for new_id in range(256, vocab_size - len(special_tokens)):
-        while heap and pair_counts.get(heap[0][3], 0) != -heap[0][0]:
-            heapq.heappop(heap)  # lazy deletion: this entry's count is out of date
-        if not heap:
+        while heap:
+            neg_count, key_a, key_b, pair = heapq.heappop(heap)
+            n = pair_counts.get(pair, 0)
+            if n == -neg_count:
+                break  # the entry is up to date, so this pair is the most frequent
+            if n:
+                heapq.heappush(heap, (-n, key_a, key_b, pair))  # its count fell since: back in at the count it has now
+        else:
             break  # every pre-token is a single token: nothing left to merge
-        a, b = pair = heapq.heappop(heap)[3]
+        a, b = ord(pair[0]), ord(pair[1])
         vocab[new_id] = vocab[a] + vocab[b]
         keys.append(_desc_key(vocab[new_id]))
         merges.append((vocab[a], vocab[b]))
-        for p in _apply_merge(words, freqs, pair_counts, pair_words, pair, new_id):
-            if p in pair_counts:
-                heapq.heappush(heap, (-pair_counts[p], keys[p[0]], keys[p[1]], p))
+        for p in _apply_merge(words, freqs, pair_counts, pair_words, pair, chr(new_id)):
+            heapq.heappush(heap, (-pair_counts[p], keys[ord(p[0])], keys[ord(p[1])], p))
     for s in special_tokens:
         vocab[len(vocab)] = s.encode("utf-8")  # special tokens take the last ids
     return vocab, merges

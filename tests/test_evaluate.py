@@ -65,7 +65,30 @@ def test_evaluate_data_equals_window_by_window_cross_entropy(run):
     assert math.isclose(result["perplexity"], math.exp(total / (len(ids) - 1)), rel_tol=1e-5)
     assert math.isclose(result["bits_per_byte"], total / math.log(2) / result["bytes"], rel_tol=1e-5)
     assert (result["iteration"], result["stride"], result["kind"]) == (9, CONTEXT, "data")
-    assert json.loads((root / "run" / "eval_input_9.json").read_text()) == result  # the default --out
+    written = root / "run" / f"eval_input_9_{result['fingerprint']}.json"  # the default --out
+    assert json.loads(written.read_text()) == result
+    assert proc.stderr.strip() == f"wrote {written}"
+
+
+def test_evaluate_at_a_shorter_context_equals_hand_cut_windows(run):
+    """--context-length 8 on a model trained at 32: windows of 8 inputs cut by hand, each one F.cross_entropy."""
+    root, model, _, _, ids = run
+    proc = cli(root / "run", "--data", root / "input.npy", "--json", "--context-length", "8", "--out", root / "c8.json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    x = torch.as_tensor(ids.astype(np.int64))
+    starts = list(range(0, len(x) - 1, 8))  # inputs x[s : s + 8] predict x[s + 1 : s + 9]
+    assert len(starts) == math.ceil((len(x) - 1) / 8)
+    total = 0.0
+    with torch.no_grad():
+        for s in starts:
+            e = min(s + 8, len(x) - 1)
+            total += F.cross_entropy(model(x[None, s:e])[0], x[s + 1 : e + 1], reduction="sum").item()
+    assert (result["context_length"], result["stride"], result["tokens"]) == (8, 8, len(ids) - 1)
+    assert math.isclose(result["loss"], total / (len(ids) - 1), rel_tol=1e-5)
+    full = json.loads(cli(root / "run", "--data", root / "input.npy", "--json", "--out", root / "c32.json").stdout)
+    assert not math.isclose(result["loss"], full["loss"], rel_tol=1e-6)  # the window length changes the number
+    assert result["fingerprint"] != full["fingerprint"]  # and another default file name
 
 
 def test_evaluate_text_counts_the_file_bytes(run):
@@ -87,6 +110,8 @@ def test_evaluate_errors_are_one_line(run, capsys):
         (["--text", root / "missing.txt"], "missing.txt"),
         (["--data", root / "input.npy", "--batch-size", "0"], "--batch-size"),
         (["--data", root / "input.npy", "--max-tokens", "1"], "--max-tokens"),
+        (["--data", root / "input.npy", "--context-length", "33"], "pass at most 32"),
+        (["--data", root / "input.npy", "--context-length", "0"], "--context-length must be at least 1"),
     ]:
         with pytest.raises(SystemExit) as exit:
             evaluate_main([str(root / "run"), *map(str, argv)])

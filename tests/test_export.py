@@ -1,5 +1,5 @@
 """End-to-end checks of `python -m cs336_nb.export` in subprocesses; the conversion itself (logits, greedy
-generation, tokenizer ids, from_hf, refusals) is tested in nbs/18_export.ipynb.
+generation, tokenizer ids, load_hf_model, refusals) is tested in nbs/18_export.ipynb.
 
 One module-scoped run directory is shared: a BPE tokenizer (vocab 300) trained by `train_bpe` on the
 English corpus in nbs/data and saved in `<run>/tokenizer/`, and a tiny random model saved by
@@ -23,6 +23,7 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from cs336_nb.checkpoint import save_checkpoint
+from cs336_nb.export import load_hf_model
 from cs336_nb.export import main as export_main
 from cs336_nb.generate import generate
 from cs336_nb.model import TransformerLM
@@ -138,7 +139,7 @@ def test_train_init_from_an_exported_model(run, tmp_path):
     assert started.returncode == 0, started.stderr
     fresh = cli("train", *common, "--checkpoint-dir", tmp_path / "b", timeout=180)  # the negative control
     assert fresh.returncode == 0, fresh.stderr
-    expected = TransformerLM.from_hf(hf_dir).state_dict()
+    expected = load_hf_model(hf_dir).state_dict()
     got = read_checkpoint(tmp_path / "a" / "checkpoint_1.pt")["model_state_dict"]
     other = read_checkpoint(tmp_path / "b" / "checkpoint_1.pt")["model_state_dict"]
     assert all(torch.equal(got[k], expected[k]) for k in expected)

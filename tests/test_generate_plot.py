@@ -158,7 +158,14 @@ def test_plot_cli_writes_a_png_of_the_expected_size_into_the_run(run):
     proc = cli("plot", run, "--log-y", "--smooth", "0.9")
     assert proc.returncode == 0, proc.stderr
     out = run / "curves.png"
-    assert proc.stdout == f"wrote {out}\n" and proc.stderr == "", (proc.stdout, proc.stderr)
+    # --smooth means the factor given; on a run this short it says so in one warning line
+    points = (run / "metrics.jsonl").read_text().count('"type": "train"')
+    assert points == 6  # steps 0, 2, 4, 6, 8 and the last, 9
+    warning = (
+        f"plot: warning: tiny_run: smoothing 0.9 averages over about 10 of its {points} logged losses, "
+        "so the smoothed curve trails the raw one (too few points to smooth: use 0)\n"
+    )
+    assert proc.stdout == f"wrote {out}\n" and proc.stderr == warning, (proc.stdout, proc.stderr)
     width, height = png_size(out)
     assert (width, height) == (round(FIGSIZE[0] * 100), round(FIGSIZE[1] * 100))
     assert mpimg.imread(out).shape[:2] == (height, width)  # and it decodes
