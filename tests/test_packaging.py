@@ -104,6 +104,7 @@ def test_what_readme_commands_write_is_ignored():
         "checkpoints/quickstart/curves.png",  # plot
         "checkpoints/quickstart/wandb/offline-run-1/run.wandb",  # --wandb
         "hf/quickstart/model.safetensors",  # export
+        "slurm-4242.out",  # sbatch scripts/multinode.slurm
         "cs336_nb.egg-info/PKG-INFO",  # pip install -e .
     ]
     if shutil.which("git") is None or not (ROOT / ".git").exists():
