@@ -1,4 +1,9 @@
-"""setuptools script that reads nbdev 2's settings.ini (no pkg_resources needed)."""
+"""setuptools script that reads nbdev 2's settings.ini (no pkg_resources needed).
+
+pyproject.toml declares the name, version, Python and requirements (copies of settings.ini's fields, which
+tests/test_packaging.py checks); this script supplies the rest of the metadata, which pyproject.toml lists
+as dynamic, and the packages.
+"""
 
 from configparser import ConfigParser
 
@@ -8,13 +13,7 @@ cfg = ConfigParser(delimiters=["="])
 cfg.read("settings.ini", encoding="utf-8")
 cfg = cfg["DEFAULT"]
 
-requirements = cfg.get("requirements", "").split()
-dev_requirements = cfg.get("dev_requirements", "").split()
-hf_requirements = cfg.get("hf_requirements", "").split()  # Hugging Face export/import; never needed to train
-
 setuptools.setup(
-    name=cfg["lib_name"],
-    version=cfg["version"],
     description=cfg["description"],
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -23,11 +22,8 @@ setuptools.setup(
     license=cfg["license"],
     url=cfg["git_url"],
     keywords=cfg["keywords"],
-    python_requires=">=" + cfg["min_python"],
     packages=setuptools.find_packages(include=[cfg["lib_path"], cfg["lib_path"] + ".*"]),
     include_package_data=True,
-    install_requires=requirements,
-    extras_require={"hf": hf_requirements, "dev": dev_requirements + hf_requirements},
     zip_safe=False,
     entry_points={"nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
 )

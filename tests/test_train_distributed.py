@@ -1,6 +1,8 @@
 """Data parallelism under `torchrun` on CPU (Gloo): 2 processes × 1 micro-batch must train exactly like
 1 process with `--grad-accum-steps 2` (same batches, losses equal to 1e-5); only rank 0 prints and
-writes; a 2-process run resumes under torchrun, and at another world size (1 process).
+writes; a 2-process run resumes under torchrun, and at another world size (1 process). Two "nodes" (two
+torchrun launchers, `--nnodes 2 --nproc_per_node 1`, meeting through a c10d rendezvous on 127.0.0.1, as
+README's multi-node command does across machines) train exactly like one process too.
 
 torchrun starts are slow on 2 cores, so there are two of them, shared by all checks.
 """
@@ -9,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +88,55 @@ def run(args: list[str], cwd: Path, nproc: int = 1, malloc_tuned: bool = True) -
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def free_port() -> int:
+    """A TCP port no one listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_nodes(args: list[str], cwd: Path, nnodes: int = 2) -> list[subprocess.CompletedProcess]:
+    """The same `torchrun --nnodes N --nproc_per_node 1 --rdzv-backend c10d ...` command started N times, as on
+    N machines: the launchers meet at the rendezvous endpoint and agree on the node ranks themselves."""
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={nnodes}",
+        "--nproc_per_node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        "--rdzv-id=two-nodes",
+        "-m",
+        "cs336_nb.train",
+    ]
+    procs = [
+        subprocess.Popen(
+            launcher + args,
+            cwd=cwd,
+            env=_env(),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        for _ in range(nnodes)
+    ]
+    done = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGABRT)
+            out, err = proc.communicate()
+            pytest.fail(f"timed out\n{out[-3000:]}\n{err[-6000:]}")
+        assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-3000:]}\n{err[-3000:]}"
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
 def metrics(d: Path) -> list[dict]:
     return [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
 
@@ -120,6 +172,7 @@ def runs(tmp_path_factory) -> dict:
     out["to_single"] = run(
         base + ["--max-iters", "6", "--checkpoint-dir", str(d / "ddp_to_single"), "--resume", "auto"], d
     )
+    out["nodes"] = run_nodes(base + ["--max-iters", "4", "--checkpoint-dir", str(d / "nodes")], d)
     return out
 
 
@@ -162,3 +215,18 @@ def test_resume_two_processes_and_at_another_world_size(runs):
     for other in (d / "ddp" / "checkpoint_6.pt", d / "ddp_to_single" / "checkpoint_6.pt"):
         for k, v in weights(other).items():
             torch.testing.assert_close(v, ref[k], atol=1e-5, rtol=1e-5)
+
+
+def test_two_nodes_through_a_c10d_rendezvous_equal_one_process(runs):
+    """Two launchers, one process each, meet at a c10d endpoint: the world size is 2, one node (the one that
+    got rank 0) prints and writes, and losses and weights equal one process with the same 2 micro-batches."""
+    d = runs["dir"]
+    outs = [p.stdout for p in runs["nodes"]]
+    assert sum(o.count("Training Configuration") for o in outs) == 1  # rank 0 alone reports, on whichever node
+    assert "world size 2" in "".join(outs) and "tokens per step 128" in "".join(outs)
+    first = lambda run, last: {k: v for k, v in run.items() if k <= last}
+    _close(losses(d / "nodes"), first(losses(d / "single"), 3))
+    _close(val_losses(d / "nodes"), first(val_losses(d / "single"), 4))
+    ref = weights(d / "single" / "checkpoint_4.pt")
+    for k, v in weights(d / "nodes" / "checkpoint_4.pt").items():
+        torch.testing.assert_close(v, ref[k], atol=1e-5, rtol=1e-5)
