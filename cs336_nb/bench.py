@@ -459,6 +459,9 @@ def _op_group(name: str) -> str:
 def profile_step(step: Callable[[], object], top: int = 8, repeats: int = 3) -> list[tuple[str, float]]:
     """(group or operator, seconds of own CPU time) in the fastest of `repeats` profiled calls of `step`
     (one training step, e.g. a `timed_step` with its arguments bound): the groups, then the `top` other operators."""
+    # PyTorch's profiler library prints `USDT: ... profiler_start/stop` on stderr around every profile, above its
+    # own error level; KINETO_LOG_LEVEL=6 silences it. It is read once, when the process's first profile starts.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     step()  # warm: optimizer state exists, kernels chosen
     spent = None
     for _ in range(repeats):  # on a shared machine, the fastest step is the least disturbed one

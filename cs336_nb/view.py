@@ -274,7 +274,12 @@ def train(
     else:
         argv = [str(a) for a in settings]
     reporter = live if isinstance(live, LiveView) else LiveView() if (in_notebook() if live is None else live) else None
-    return train_main(argv + _flags(overrides), reporter=reporter)
+    try:
+        return train_main(argv + _flags(overrides), reporter=reporter)
+    except SystemExit as e:  # the CLI's exit: a plain exception in a cell (a SystemExit there is a kernel matter)
+        if reporter is None or not e.code:
+            raise
+        raise RuntimeError(f"training stopped with exit status {e.code} (its error line is above)") from None
 
 # %% ../nbs/15_view.ipynb #a2025b73
 class _Tail:
