@@ -1,7 +1,8 @@
 """A process SIGKILLed while saving a checkpoint leaves the previous one intact and loadable.
 
 The child saves a ~32 MB checkpoint over and over, printing "saving <i>" before each save. The parent
-kills it a random moment after a save has started. With `save_checkpoint` (temp file + fsync +
+kills it mid-save: the moment the save's temporary file appears (atomic), or a random moment after the
+save has started (plain). With `save_checkpoint` (temp file + fsync +
 os.replace) the target always loads and holds one complete earlier version; the control, a plain
 `torch.save` to the target path, is killed the same way and leaves a file `read_checkpoint` rejects:
 proof that the kill really lands mid-write, so the first test can fail.
@@ -33,6 +34,13 @@ for i in range(1, 10_000):
 """
 
 
+def _wait_for_temporary_file(folder, timeout=10.0):
+    """Return as soon as a `.tmp` file appears in `folder` (a random sleep missed it on fast machines)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not any(p.name.endswith(".tmp") for p in folder.iterdir()):
+        time.sleep(0.0002)
+
+
 def _kill_mid_save(path, mode, rounds_wanted=1):
     """Run the child until it has completed one save, then SIGKILL it shortly after a new save starts."""
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path), mode], stdout=subprocess.PIPE, text=True)
@@ -42,7 +50,10 @@ def _kill_mid_save(path, mode, rounds_wanted=1):
             if line.startswith("saved"):
                 saved += 1
             if line.startswith("saving") and saved >= rounds_wanted:
-                time.sleep(random.uniform(0.0, 0.05))  # somewhere inside the 32 MB write
+                if mode == "atomic":  # the moment its temporary file exists, the save is mid-write
+                    _wait_for_temporary_file(path.parent)
+                else:
+                    time.sleep(random.uniform(0.0, 0.05))  # somewhere inside the 32 MB write
                 proc.send_signal(signal.SIGKILL)
                 break
         proc.wait(timeout=30)
