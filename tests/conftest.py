@@ -1,6 +1,9 @@
 """Shared pytest setup: every test runs from the repository root with the package importable."""
 
+import contextlib
+import io
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +98,33 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, text: str, prog: st
     assert text in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert prog is None or proc.stderr.startswith(f"{prog}: error:"), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+class Hang(BaseException):
+    """Raised by the alarm: the command did not return in time (a BaseException, so run_cli cannot map it)."""
+
+
+def _alarm(signum, frame):
+    raise Hang
+
+
+def call_main(main, argv: list, cwd: Path | None = None, timeout: int = 60) -> tuple[int, str, str]:
+    """A command's `main(argv)` in this process, from `cwd`, under an alarm: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    previous, here = signal.signal(signal.SIGALRM, _alarm), os.getcwd()
+    signal.alarm(timeout)
+    try:
+        os.chdir(cwd or here)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([str(a) for a in argv])
+                code = 0
+            except SystemExit as exit:
+                code = exit.code
+    except Hang:
+        pytest.fail(f"{main.__module__}.main({argv}) did not end within {timeout} s")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        os.chdir(here)
+    return code, out.getvalue(), err.getvalue()

@@ -10,14 +10,11 @@ made by hand: a tiny random model (context 32) saved the way training saves it, 
 its `tokenizer/`, a `config.json` and a `metrics.jsonl`.
 """
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
+from conftest import ROOT, call_main
 
 from cs336_nb.checkpoint import save_checkpoint
 from cs336_nb.evaluate import main as evaluate_main
@@ -37,34 +34,9 @@ CONTEXT = 32
 TIMEOUT = 60  # seconds for any one attack
 
 
-class Hang(BaseException):
-    """Raised by the alarm: the command did not return in time (a BaseException, so run_cli cannot map it)."""
-
-
-def _alarm(signum, frame):
-    raise Hang
-
-
 def cli(argv: list, cwd: Path, timeout: int = TIMEOUT) -> tuple[int, str, str]:
     """`python -m cs336_nb.evaluate argv` in this process, from `cwd`, under an alarm: (status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    previous, here = signal.signal(signal.SIGALRM, _alarm), os.getcwd()
-    signal.alarm(timeout)
-    try:
-        os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                evaluate_main([str(a) for a in argv])
-                code = 0
-            except SystemExit as exit:
-                code = exit.code
-    except Hang:
-        pytest.fail(f"evaluate {argv} did not end within {timeout} s")
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-        os.chdir(here)
-    return code, out.getvalue(), err.getvalue()
+    return call_main(evaluate_main, argv, cwd, timeout)
 
 
 def snapshot(d: Path) -> dict[str, str]:

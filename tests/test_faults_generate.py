@@ -10,20 +10,17 @@ before any work, and `--checkpoint-dir X` samples from X's run in a real process
 allocator tuning `train` gets (seen by a `sitecustomize` that records each interpreter start's environment).
 """
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, call_main
 
 from cs336_nb.checkpoint import save_checkpoint
 from cs336_nb.generate import main as generate_main
@@ -38,34 +35,9 @@ EOT = 256
 MAINS = {"generate": generate_main, "quickstart": quickstart_main}
 
 
-class Hang(BaseException):
-    """Raised by the alarm: the command did not return in time (a BaseException, so run_cli cannot map it)."""
-
-
-def _alarm(signum, frame):
-    raise Hang
-
-
 def cli(prog: str, argv: list, cwd: Path | None = None, timeout: int = TIMEOUT) -> tuple[int, str, str]:
     """`python -m cs336_nb.<prog> argv` in this process, under an alarm: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    previous, here = signal.signal(signal.SIGALRM, _alarm), os.getcwd()
-    signal.alarm(timeout)
-    try:
-        os.chdir(cwd or here)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                MAINS[prog]([str(a) for a in argv])
-                code = 0
-            except SystemExit as exit:
-                code = exit.code
-    except Hang:
-        pytest.fail(f"{prog} {argv} did not end within {timeout} s")
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-        os.chdir(here)
-    return code, out.getvalue(), err.getvalue()
+    return call_main(MAINS[prog], argv, cwd, timeout)
 
 
 def command(prog: str, argv: list, cwd: Path) -> tuple[int, str, str]:
