@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import find_checkpoint
+from .checkpoint import find_checkpoint, fsync_directory
 from .model import MODEL_KEYS, TransformerLM, check_model_config
 from .runtime import checkpoint_parser, load_model, run_cli, run_tokenizer_dir
 from .tokenizer import GPT2_PATTERN, Tokenizer, bytes_to_unicode
@@ -250,14 +250,6 @@ def _check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     return out
 
 # %% ../nbs/18_export.ipynb #a57d6094
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # make the renames inside it durable
-    finally:
-        os.close(fd)
-
-
 def _swap_in(staging: Path, out: Path) -> None:
     """Rename the finished `staging` directory to `out`; an earlier `out` goes only once the new one is in place."""
     old = staging.with_name(staging.name + ".old")
@@ -269,7 +261,7 @@ def _swap_in(staging: Path, out: Path) -> None:
         if old.exists() and not out.exists():
             os.rename(old, out)
         raise
-    _fsync_directory(out.parent)
+    fsync_directory(out.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -289,7 +281,7 @@ def _write_directory_atomically(out: Path, write) -> None:
                 ) from None
             raise OSError(e.errno, e.strerror, str(where)) from None
         os.chmod(staging, 0o755)  # mkdtemp makes it private
-        _fsync_directory(staging)
+        fsync_directory(staging)
         _swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone after a swap; a failed export leaves nothing behind
